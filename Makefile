@@ -1,0 +1,29 @@
+# Two entry points on a fresh clone: `make demo` (main job) and `make test` (test suite).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build of torch; a GPU user runs `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" ...`
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/rlscale train experiments/addition.toml
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python benchmarks/grpo_throughput.py

@@ -1,0 +1,113 @@
+"""The `rlscale` command line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from experiments.config import ConfigError, load_config
+from rl.pipeline import InputError, run_pipeline
+
+app = typer.Typer(
+    help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key.sub=value.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+@app.callback()
+def _root() -> None:
+    """rlscale: what it costs to make a model better with RL, and how that cost scales."""
+
+
+def fail(message: str, debug: bool = False) -> None:
+    """One clear error line and exit code 2 (the traceback only with --debug)."""
+    if debug:
+        console.print_exception()
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class ProgressCallback:
+    """Drives a rich progress bar from the trainer's metrics; the bar appears with the first metric."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.progress: Progress | None = None
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=console,
+            )
+            self.progress.start()
+            self.progress.add_task("", total=self.total)
+        if "train/reward_mean" in metrics:
+            verify = metrics.get("train/verify_reward_mean", 0.0)
+            desc = f"GRPO reward {metrics['train/reward_mean']:.2f} verify {verify:.2f}"
+        elif "sft/loss" in metrics:
+            desc = f"SFT loss {metrics['sft/loss']:.3f}"
+        else:
+            desc = f"eval accuracy {metrics.get('eval/accuracy', float('nan')):.3f}"
+        self.progress.update(self.progress.task_ids[0], completed=step, description=desc)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="Experiment TOML file.")],
+    set_: SetOpt = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore checkpoints in output_dir.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run cold-start SFT, then GRPO with self-verification, and evaluate before and after RL.
+
+    Examples:
+      rlscale train experiments/addition.toml
+      rlscale train experiments/addition.toml --set grpo.steps=100 --set seed=1
+    """
+    try:
+        cfg = load_config(config, set_)
+        bar = ProgressCallback(cfg.sft.steps + cfg.grpo.steps)
+        try:
+            result = run_pipeline(cfg, bar, resume=not no_resume)
+        finally:
+            bar.close()
+    except (ConfigError, InputError) as e:
+        fail(str(e), debug)
+        return
+    table = Table(title=f"{cfg.name}: {cfg.model.name} on {cfg.task.name}")
+    table.add_column("metric")
+    table.add_column("after SFT", justify="right")
+    table.add_column("after RL", justify="right")
+    for key, value in result.metrics.items():
+        if key.startswith("eval/") and "/sft_" not in key and key != "eval/rl_gain":
+            before = result.sft_metrics.get(key)
+            table.add_row(key, "" if before is None else f"{before:.3f}", f"{value:.3f}")
+    Console().print(table)
+    print(f"model saved to {result.model_dir}")
+
+
+def main() -> None:
+    """Entry point that maps Ctrl-C to exit code 130."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Resumable checkpoints: model (safetensors), optimizer, scheduler, RNG, step and accounting, written atomically.
+
+Layout: `<dir>/ckpt-<phase>-<step>/` holds `model.safetensors` and `state.pt`; `<dir>/latest` names the newest.
+Each checkpoint is written to a temporary folder and renamed, and `latest` is replaced atomically, so a kill
+at any point leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from rl.accounting import Meter
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    phase: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    meter: Meter,
+) -> Path:
+    """Write a checkpoint and point `latest` at it; older checkpoints are removed."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{phase}-{step}"
+    tmp = ckpt_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    state = {
+        "phase": phase,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()[1]),
+        "meter": meter.state_dict(),
+    }
+    torch.save(state, tmp / "state.pt")
+    final = ckpt_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = ckpt_dir / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, ckpt_dir / "latest")
+    for old in ckpt_dir.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[str, int, Path] | None:
+    """(phase, step, path) of the newest complete checkpoint, or None."""
+    pointer = Path(ckpt_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = Path(ckpt_dir) / name
+    if not (path / "state.pt").is_file():
+        return None
+    _, phase, step = name.split("-")
+    return phase, int(step), path
+
+
+def load_checkpoint(
+    ckpt_dir: Path,
+    phase: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    meter: Meter,
+) -> dict | None:
+    """Restore everything from the newest checkpoint of `phase`; None when there is none."""
+    found = latest_checkpoint(ckpt_dir)
+    if found is None or found[0] != phase:
+        return None
+    path = found[2]
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    meter.load_state_dict(state["meter"])
+    return state

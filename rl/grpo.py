@@ -1,0 +1,234 @@
+"""GRPO with self-verification, readable top to bottom.
+
+Shao et al. 2024 (DeepSeekMath) group-relative advantages; DAPO (Yu et al. 2025) clip-higher and token-level
+loss; Dr. GRPO (Liu et al. 2025) unscaled advantages and constant normaliser; RISE-style self-verification:
+each step the model also judges its own answers and is rewarded for agreeing with the program verifier.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rl.accounting import Callback, Meter
+from rl.checkpoint import load_checkpoint, save_checkpoint
+from rl.generate import Batch, completion_logprobs, sample
+from rl.self_verify import verdict_reward, verify_prompt
+from rl.tasks import Task
+
+
+class GRPOConfig(BaseModel):
+    """GRPO settings (names follow TRL's GRPOConfig where one exists)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(200, ge=0, description="RL steps (one batch of rollouts each).")
+    prompts_per_step: int = Field(16, ge=1, description="Distinct problems per step.")
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per problem (the group).")
+    max_new_tokens: int = Field(8, ge=1, description="Longest completion sampled.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (log-probs use the same).")
+    learning_rate: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each batch of rollouts.")
+    epsilon_low: float = Field(0.2, ge=0.0, lt=1.0, description="Lower clip of the importance ratio (1 - eps_low).")
+    epsilon_high: float = Field(0.28, ge=0.0, description="Upper clip of the importance ratio (1 + eps_high).")
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient to the frozen reference (0: no reference model).")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group std (False: Dr. GRPO).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="Aggregation: per-sequence mean (grpo), token-level (dapo), constant (dr_grpo)."
+    )
+    self_verify: bool = Field(True, description="Also train the model to verify its own answers.")
+    verify_coef: float = Field(0.5, ge=0.0, description="Weight of the verification loss next to the solving loss.")
+    verify_max_new_tokens: int = Field(4, ge=1, description="Longest verdict sampled.")
+    eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
+    eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+
+
+# ---------------------------------------------------------------- the math
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps); without `scale`, A_i = r_i - mean (Dr. GRPO)."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def grpo_loss(
+    logp: torch.Tensor,  # (B, T) log pi_theta(o_t | q, o_<t)
+    old_logp: torch.Tensor,  # (B, T) log pi_theta_old, the sampling policy
+    ref_logp: torch.Tensor | None,  # (B, T) log pi_ref, or None when beta = 0
+    advantages: torch.Tensor,  # (B,) A_i, one per completion
+    mask: torch.Tensor,  # (B, T) 1 on completion tokens
+    cfg: GRPOConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO objective with optional k3 KL, aggregated as `cfg.loss_type`."""
+    mask = mask.float()
+    A = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)  # rho_t = pi_theta / pi_theta_old
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)  # clip(rho_t, 1-eps_low, 1+eps_high)
+    per_token = -torch.min(ratio * A, clipped * A)  # -min(rho_t A, clip(rho_t) A)
+    kl = torch.zeros_like(logp)
+    if cfg.beta > 0 and ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3 estimator of KL(pi_theta || pi_ref)
+        per_token = per_token + cfg.beta * kl  # + beta * D_KL
+    if cfg.loss_type == "grpo":  # 1/G sum_i 1/|o_i| sum_t
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif cfg.loss_type == "dapo":  # 1/sum_i |o_i| sum_i sum_t
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:  # dr_grpo: 1/(G * max_len) sum_i sum_t
+        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - cfg.epsilon_low) & (A < 0)) | ((ratio > 1 + cfg.epsilon_high) & (A > 0))
+        stats = {"clip_frac": float((is_clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n)}
+    return loss, stats
+
+
+def lr_lambda(schedule: str, warmup: int, total_steps: int):
+    """Multiplier of the peak learning rate at a step: linear warmup, then constant, linear or cosine decay."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return f
+
+
+# ---------------------------------------------------------------- the loop
+def train_grpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    cfg: GRPOConfig,
+    *,
+    seed: int,
+    meter: Meter,
+    callback: Callback,
+    ref_model: PreTrainedModel | None = None,
+    ckpt_dir: Path | None = None,
+    step_offset: int = 0,
+    on_eval=None,
+    stop_after: int | None = None,
+) -> None:
+    """Run `cfg.steps` GRPO steps, resuming from `ckpt_dir` when it holds an RL checkpoint.
+
+    `on_eval(step)` runs a quick held-out eval every `cfg.eval_every` steps; metrics leave through `callback`
+    at global step `step_offset + step`. `stop_after` ends the loop early (for tests of resume)."""
+    G = cfg.num_generations
+    fm = meter.fm
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = 0
+    state = load_checkpoint(ckpt_dir, "rl", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
+    if state is not None:
+        start = state["step"]
+
+    for step in range(start, cfg.steps):
+        if stop_after is not None and step >= stop_after:
+            return
+        model.train()
+        # 1. sample G completions for each of the step's problems: o_1..o_G ~ pi_theta_old(. | q)
+        problems = task.problems(cfg.prompts_per_step, "train", seed=seed * 1_000_003 + step)
+        rows = [p for p in problems for _ in range(G)]
+        with meter.phase("rollout"):
+            solve = sample(model, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
+                           generator=generator)
+        meter.add("rollout", fm.generation(solve))
+        rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
+        correct = [task.is_correct(p, c) for p, c in zip(rows, solve.texts)]
+        batches: list[tuple[str, Batch, torch.Tensor, float]] = [
+            ("solve", solve, group_advantages(rewards, G, cfg.scale_rewards).to(device), 1.0)
+        ]
+        meter.count(problems=len(problems), samples_solve=len(rows), tokens_prompt=int(solve.prompt_mask.sum()),
+                    tokens_generated=int(solve.completion_mask.sum()))
+
+        # 2. self-verification: the model judges each of its answers; reward = agreement with the verifier
+        if cfg.self_verify:
+            with meter.phase("verify_rollout"):
+                verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, solve.texts)],
+                                cfg.verify_max_new_tokens, cfg.temperature, generator=generator)
+            meter.add("verify_rollout", fm.generation(verify))
+            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, correct)])
+            batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
+                            cfg.verify_coef))
+            meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),
+                        tokens_generated=int(verify.completion_mask.sum()))
+
+        # 3. log-probs of the sampling policy (only needed when mu > 1) and of the reference (only when beta > 0)
+        old, ref = {}, {}
+        with torch.no_grad():
+            for name, b, _, _ in batches:
+                rows_, length = b.input_ids.shape
+                if cfg.num_iterations > 1:
+                    with meter.phase("policy"):
+                        old[name] = completion_logprobs(model, b, cfg.temperature)[0]
+                    meter.add("policy", fm.sequences(rows_, length))
+                if cfg.beta > 0 and ref_model is not None:
+                    with meter.phase("reference"):
+                        ref[name] = completion_logprobs(ref_model, b, cfg.temperature)[0]
+                    meter.add("reference", fm.sequences(rows_, length))
+
+        # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify
+        metrics: dict[str, float] = {}
+        for _ in range(cfg.num_iterations):
+            with meter.phase("policy"):
+                total = torch.zeros((), device=device)
+                for name, b, adv, coef in batches:
+                    logp, entropy = completion_logprobs(model, b, cfg.temperature, with_entropy=True)
+                    old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
+                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg)
+                    total = total + coef * loss
+                    mask = b.completion_mask.float()
+                    prefix = "train/" if name == "solve" else "train/verify_"
+                    metrics[prefix + "loss"] = float(loss)
+                    metrics[prefix + "clip_frac"] = stats["clip_frac"]
+                    metrics[prefix + "kl"] = stats["kl"]
+                    metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+                    meter.add("policy", fm.sequences(*b.input_ids.shape, train=True))
+                    meter.count(tokens_trained=int(b.completion_mask.sum()))
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"non-finite GRPO loss at RL step {step}")
+                optimizer.step()
+        scheduler.step()
+
+        # 5. report
+        groups = rewards.view(-1, G)
+        metrics.update({
+            "train/reward_mean": float(rewards.mean()),
+            "train/reward_std": float(rewards.std()),
+            "train/accuracy": sum(correct) / len(correct),
+            "train/zero_std_frac": float((groups.std(dim=1) == 0).float().mean()),
+            "train/completion_len": float(solve.completion_mask.sum(-1).float().mean()),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/rl_step": float(step + 1),
+        })
+        if cfg.self_verify:
+            metrics["train/verify_reward_mean"] = float(v_rewards.mean())
+            metrics["train/verify_zero_std_frac"] = float((v_rewards.view(-1, G).std(dim=1) == 0).float().mean())
+        if on_eval is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            metrics.update(on_eval(step_offset + step + 1))
+        metrics.update(meter.metrics())
+        callback.on_log(step_offset + step + 1, metrics)
+        if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter)

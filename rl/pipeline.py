@@ -1,0 +1,115 @@
+"""The R1 pipeline end to end: build or load a model, cold-start SFT, evaluate, GRPO, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rl.accounting import Callback, FlopModel, Meter
+from rl.checkpoint import latest_checkpoint
+from rl.evaluate import EvalConfig, evaluate
+from rl.grpo import GRPOConfig, train_grpo
+from rl.model import ModelConfig, count_params, load_model, save_model
+from rl.sft import SFTConfig, train_sft
+from rl.tasks import ArithmeticParams, TaskConfig, make_task
+
+
+class InputError(ValueError):
+    """Bad input (task, model path, data) found before any training starts."""
+
+
+class PipelineConfig(BaseModel):
+    """Everything one training run needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = Field(0, description="Seed of weights init, training problems and sampling.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    task: TaskConfig = Field(default_factory=ArithmeticParams, description="The verifiable task.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Cold-start SFT.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO with self-verification.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    output_dir: str = Field("outputs/run", description="Where checkpoints and models are written.")
+
+
+@dataclass
+class RunResult:
+    """What a finished pipeline hands back."""
+
+    metrics: dict[str, float]  # final eval, compute and data metrics
+    sft_metrics: dict[str, float]  # eval of the SFT checkpoint RL started from
+    eval_table: list[dict] = field(default_factory=list)
+    model_dir: Path | None = None
+    n_params: int = 0
+
+
+def _save_atomic(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -> RunResult:
+    """SFT then GRPO with self-verification, evaluated before and after RL; resumes from checkpoints."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if not resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    try:  # everything that can be wrong with the input fails here, before any training
+        task = make_task(cfg.task)
+        eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
+        task.problems(1, "train", seed=cfg.seed)
+        model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    except (ValueError, OSError) as e:
+        raise InputError(str(e).splitlines()[0]) from e
+    meter = Meter(FlopModel.of(model))
+    found = latest_checkpoint(ckpt_dir)
+
+    def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed + step)
+        metrics, table = evaluate(model, tokenizer, task, problems, cfg.eval, meter, gen)
+        model.train()
+        return metrics, table
+
+    # 1. cold-start SFT (skipped when an RL checkpoint exists: its weights already include it)
+    sft_dir = out / "sft"
+    if found is None or found[0] == "sft":
+        train_sft(model, tokenizer, task, cfg.sft, seed=cfg.seed, meter=meter, callback=callback, ckpt_dir=ckpt_dir)
+        sft_metrics, _ = run_eval(eval_problems, cfg.sft.steps)
+        callback.on_log(cfg.sft.steps, sft_metrics | meter.metrics())
+        _save_atomic(model, tokenizer, sft_dir)
+        (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
+    else:
+        sft_metrics = json.loads((sft_dir / "eval.json").read_text())
+
+    # 2. GRPO from the SFT checkpoint, against a frozen copy of it when beta > 0
+    ref_model = None
+    if cfg.grpo.beta > 0:
+        ref_model, _ = load_model(cfg.model.model_copy(update={"path": str(sft_dir)}), seed=cfg.seed)
+        ref_model.eval().requires_grad_(False)
+    quick = eval_problems[: cfg.grpo.eval_problems]
+    train_grpo(
+        model, tokenizer, task, cfg.grpo, seed=cfg.seed, meter=meter, callback=callback, ref_model=ref_model,
+        ckpt_dir=ckpt_dir, step_offset=cfg.sft.steps, on_eval=lambda step: run_eval(quick, step)[0],
+    )
+
+    # 3. final held-out evaluation on the same problems as the SFT checkpoint's
+    metrics, table = run_eval(eval_problems, cfg.sft.steps + cfg.grpo.steps)
+    for k, v in sft_metrics.items():
+        metrics[k.replace("eval/", "eval/sft_", 1)] = v
+    metrics["eval/rl_gain"] = metrics["eval/accuracy"] - sft_metrics["eval/accuracy"]
+    metrics |= meter.metrics()
+    callback.on_log(cfg.sft.steps + cfg.grpo.steps, metrics)
+    _save_atomic(model, tokenizer, out / "final")
+    return RunResult(metrics, sft_metrics, table, out / "final", count_params(model))
+

@@ -1,0 +1,76 @@
+"""Cold-start SFT on generated solutions and verification examples (the R1 pipeline: SFT, then RL)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rl.accounting import Callback, Meter
+from rl.checkpoint import load_checkpoint, save_checkpoint
+from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
+from rl.grpo import lr_lambda
+from rl.self_verify import sft_examples
+
+
+class SFTConfig(BaseModel):
+    """Cold-start supervised fine-tuning settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(300, ge=0, description="Optimizer steps (the budget leaves RL room to improve).")
+    batch_size: int = Field(64, ge=1, description="Examples per step.")
+    learning_rate: float = Field(2e-3, gt=0.0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    verify_fraction: float = Field(0.3, ge=0.0, le=1.0, description="Share of examples that teach verification.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task,
+    cfg: SFTConfig,
+    *,
+    seed: int,
+    meter: Meter,
+    callback: Callback,
+    ckpt_dir: Path | None = None,
+) -> None:
+    """Minimise -log p(completion | prompt) on fresh generated examples each step; resumes from `ckpt_dir`."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
+    generator = torch.Generator().manual_seed(seed)
+    state = load_checkpoint(ckpt_dir, "sft", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
+    start = state["step"] if state else 0
+    model.train()
+    for step in range(start, cfg.steps):
+        rng = random.Random(f"sft:{seed}:{step}")
+        problems = task.problems(cfg.batch_size, "train", seed=-(seed * 1_000_003 + step) - 1)
+        examples = sft_examples(task, problems, rng, cfg.verify_fraction)
+        with meter.phase("sft"):
+            ids, mask = encode_prompts(tokenizer, [p for p, _ in examples], device)
+            cids, cmask = encode_completions(tokenizer, [c for _, c in examples], device)
+            batch = Batch(ids, mask, cids, cmask, [])
+            logp, _ = completion_logprobs(model, batch)
+            loss = -(logp * cmask).sum() / cmask.sum()  # token-level negative log-likelihood
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite SFT loss at step {step}")
+            optimizer.step()
+            scheduler.step()
+        meter.add("sft", meter.fm.sequences(*batch.input_ids.shape, train=True))
+        meter.count(problems=len(problems), tokens_prompt=int(mask.sum()), tokens_trained=int(cmask.sum()))
+        metrics = {"sft/loss": float(loss), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}
+        callback.on_log(step + 1, metrics | meter.metrics())
+        if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)

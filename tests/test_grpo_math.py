@@ -1,0 +1,79 @@
+"""Advantages and the GRPO loss against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rl.evaluate import balanced_accuracy, pass_at_k
+from rl.grpo import GRPOConfig, group_advantages, grpo_loss, lr_lambda
+
+
+def test_group_advantages_scaled_and_unscaled():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(r, 4, scale=True, eps=1e-4)
+    std = math.sqrt(((0.75**2) + 3 * (0.25**2)) / 3) + 1e-4  # unbiased std of [1, 0, 0, 0], plus eps
+    assert adv[:4].tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # a zero-variance group carries no signal
+    raw = group_advantages(r, 4, scale=False)
+    assert raw[:4].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def _inputs():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.9, 0.1]]))
+    old = torch.log(torch.tensor([[0.25, 0.5, 0.5], [0.4, 0.9, 0.1]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -1.0])
+    return logp, old, mask, adv
+
+
+def test_clipped_loss_by_hand_each_aggregation():
+    logp, old, mask, adv = _inputs()
+    # ratios: row 0 = [2, 1, -], row 1 = [0.5, 1, 1]; eps_low 0.2, eps_high 0.28
+    # row 0 (A=+1): -min(2*1, 1.28*1) = -1.28, -min(1, 1) = -1
+    # row 1 (A=-1): -min(-0.5, -0.8) = 0.8, -min(-1, -1) = 1, 1
+    tokens = [[-1.28, -1.0], [0.8, 1.0, 1.0]]
+    cfg = GRPOConfig(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.28)
+    loss, stats = grpo_loss(logp, old, None, adv, mask, cfg)
+    assert float(loss) == pytest.approx((sum(tokens[0]) / 2 + sum(tokens[1]) / 3) / 2)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)  # the 2 and the 0.5 ratios are clipped
+    dapo, _ = grpo_loss(logp, old, None, adv, mask, cfg.model_copy(update={"loss_type": "dapo"}))
+    assert float(dapo) == pytest.approx((sum(tokens[0]) + sum(tokens[1])) / 5)
+    dr, _ = grpo_loss(logp, old, None, adv, mask, cfg.model_copy(update={"loss_type": "dr_grpo"}))
+    assert float(dr) == pytest.approx((sum(tokens[0]) + sum(tokens[1])) / (2 * 3))
+
+
+def test_kl_term_k3():
+    logp, _, mask, adv = _inputs()
+    ref = logp + 0.1
+    cfg = GRPOConfig(loss_type="dapo", beta=0.5)
+    with_kl, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, cfg)
+    without, _ = grpo_loss(logp, logp.detach(), None, adv, mask, cfg)
+    k3 = math.exp(0.1) - 0.1 - 1
+    assert stats["kl"] == pytest.approx(k3, rel=1e-4)
+    assert float(with_kl - without) == pytest.approx(0.5 * k3, rel=1e-4)
+
+
+def test_gradient_is_policy_gradient_at_ratio_one():
+    logp = torch.log(torch.tensor([[0.5, 0.25]])).requires_grad_(True)
+    loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([2.0]), torch.ones(1, 2), GRPOConfig(loss_type="dapo"))
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-1.0, -1.0])  # d/dlogp of -rho*A/2 tokens at rho=1
+
+
+def test_lr_schedule():
+    f = lr_lambda("cosine", 10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert lr_lambda("linear", 0, 100)(50) == pytest.approx(0.5)
+    assert lr_lambda("constant", 0, 100)(99) == 1.0
+
+
+def test_pass_at_k_and_balanced_accuracy():
+    assert pass_at_k(8, 0, 4) == 0.0 and pass_at_k(8, 8, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    assert balanced_accuracy([True, True, True, False], [True, True, False, False]) == pytest.approx(0.75)
+    assert balanced_accuracy([True, True], [True, True]) == 1.0

@@ -1,0 +1,52 @@
+"""Tiny models from config, the offline tokenizer, and safetensors save/load from a local path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from rl.model import SIZES, ModelConfig, char_tokenizer, count_params, load_model, save_model
+
+
+def test_char_tokenizer_round_trip():
+    tok = char_tokenizer()
+    text = "12+34=046 ok? flour 3.5g,egg 2"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_token_id, *ids, tok.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_sizes_span_02m_to_20m():
+    counts = {name: count_params(load_model(ModelConfig(size=name))[0]) for name in ("nano", "medium")}
+    assert 0.15e6 < counts["nano"] < 0.3e6 and 15e6 < counts["medium"] < 22e6
+    assert list(SIZES) == sorted(SIZES, key=lambda n: SIZES[n][0])
+    model, _ = load_model(ModelConfig(size=None, width=64, depth=2, heads=2))
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+
+
+def test_save_and_load_from_local_path_safetensors_only(tmp_path, nano):
+    model, tok = nano
+    save_model(model, tok, tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded, tok2 = load_model(ModelConfig(path=str(tmp_path / "m")))
+    ids = torch.tensor([tok("12+34=")["input_ids"]])
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert tok2.padding_side == "left" and tok2.pad_token_id == tok.pad_token_id
+
+
+def test_bad_model_path_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_model(ModelConfig(path=str(tmp_path)))
+    with pytest.raises(ValidationError, match="given together"):
+        ModelConfig(width=64)
+    with pytest.raises(ValidationError, match="not divisible"):
+        ModelConfig(width=100, depth=2, heads=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_model(ModelConfig(size="nano", device="cuda"))
