@@ -40,8 +40,9 @@ def fail(message: str, debug: bool = False) -> None:
 class ProgressCallback:
     """Drives a rich progress bar from the trainer's metrics; the bar appears with the first metric."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, sft_steps: int, rl_steps: int):
+        self.sft_steps = sft_steps  # SFT may stop early; RL steps are placed after the whole SFT budget
+        self.total = sft_steps + rl_steps
         self.progress: Progress | None = None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
@@ -59,7 +60,8 @@ class ProgressCallback:
             desc = f"SFT loss {metrics['sft/loss']:.3f}"
         else:
             desc = f"eval accuracy {metrics.get('eval/accuracy', float('nan')):.3f}"
-        self.progress.update(self.progress.task_ids[0], completed=step, description=desc)
+        done = self.sft_steps + metrics["train/rl_step"] if "train/rl_step" in metrics else step
+        self.progress.update(self.progress.task_ids[0], completed=done, description=desc)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -81,7 +83,7 @@ def train(
     """
     try:
         cfg = load_config(config, set_)
-        bar = ProgressCallback(cfg.sft.steps + cfg.grpo.steps)
+        bar = ProgressCallback(cfg.sft.steps, cfg.grpo.steps)
         try:
             result = run_pipeline(cfg, bar, resume=not no_resume)
         finally:

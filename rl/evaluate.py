@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl.accounting import Meter
 from rl.generate import sample
-from rl.self_verify import p_yes, verify_prompt
+from rl.self_verify import p_yes, split_trace, verify_prompt
 from rl.tasks import Problem, Task
 
 
@@ -22,6 +22,7 @@ class EvalConfig(BaseModel):
     samples: int = Field(8, ge=1, description="N answers sampled per problem for pass@k and self-verified best-of-N.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the N answers.")
     max_new_tokens: int = Field(16, ge=1, description="Longest answer generated.")
+    verify_max_new_tokens: int = Field(32, ge=1, description="Longest check-and-verdict generated.")
     batch_size: int = Field(1024, ge=1, description="Rows generated at once.")
     seed: int = Field(12345, description="Seed of the held-out problem draw (the same set for every run).")
 
@@ -41,23 +42,23 @@ def balanced_accuracy(pred: list[bool], truth: list[bool]) -> float:
     return sum(recalls) / len(recalls) if recalls else float("nan")
 
 
-def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: bool, generator) -> list[str]:
+def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: bool, generator, max_new) -> list[str]:
     texts: list[str] = []
     for i in range(0, len(prompts), cfg.batch_size):
         with meter.phase("eval"):
-            b = sample(model, tokenizer, prompts[i : i + cfg.batch_size], cfg.max_new_tokens,
+            b = sample(model, tokenizer, prompts[i : i + cfg.batch_size], max_new,
                        cfg.temperature, greedy=greedy, generator=generator)
         meter.add("eval", meter.fm.generation(b))
         texts += b.texts
     return texts
 
 
-def _p_yes(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter) -> list[float]:
+def _p_yes(model, tokenizer, prompts, traces, cfg: EvalConfig, meter: Meter) -> list[float]:
     out: list[float] = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i : i + cfg.batch_size]
         with meter.phase("eval"):
-            probs, length = p_yes(model, tokenizer, chunk)
+            probs, length = p_yes(model, tokenizer, chunk, traces[i : i + cfg.batch_size])
         meter.add("eval", meter.fm.sequences(2 * len(chunk), length))
         out += probs.tolist()
     return out
@@ -75,19 +76,26 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Scores under `eval/...` names, and a table of every sampled answer with its verdicts."""
     n = cfg.samples
-    greedy = _generate(model, tokenizer, [p.prompt for p in problems], cfg, meter, True, generator)
+    greedy = _generate(model, tokenizer, [p.prompt for p in problems], cfg, meter, True, generator, cfg.max_new_tokens)
     greedy_ok = [task.is_correct(p, c) for p, c in zip(problems, greedy)]
 
     rows = [p for p in problems for _ in range(n)]
-    sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator)
+    sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator, cfg.max_new_tokens)
     ok = [task.is_correct(p, c) for p, c in zip(rows, sampled)]
-    scores = _p_yes(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, sampled)], cfg, meter)
+    # the model checks each answer: a greedy check, then P(yes) vs P(no) as its verdict
+    vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
+    checks = _generate(model, tokenizer, vprompts, cfg, meter, True, generator, cfg.verify_max_new_tokens)
+    scores = _p_yes(model, tokenizer, vprompts, [split_trace(c) for c in checks], cfg, meter)
     verdicts = [s > 0.5 for s in scores]
 
     best_ok = []
     for i in range(len(problems)):
-        group = range(i * n, (i + 1) * n)
-        best_ok.append(ok[max(group, key=lambda j: scores[j])])  # keep the answer the model itself trusts most
+        # keep the answer the model itself trusts most: P(yes) summed over the samples that gave it
+        trust: dict[str, float] = {}
+        for j in range(i * n, (i + 1) * n):
+            trust[task.answer_text(sampled[j])] = trust.get(task.answer_text(sampled[j]), 0.0) + scores[j]
+        best = max(trust, key=trust.get)
+        best_ok.append(next(ok[j] for j in range(i * n, (i + 1) * n) if task.answer_text(sampled[j]) == best))
 
     metrics = {
         "eval/accuracy": sum(greedy_ok) / len(problems),
@@ -101,7 +109,7 @@ def evaluate(
         counts = [sum(ok[i * n : (i + 1) * n]) for i in range(len(problems))]
         metrics[f"eval/pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(problems)
     table = [
-        {"problem": p.prompt, "answer": c, "correct": t, "self_verdict": v, "p_yes": round(s, 4)}
-        for p, c, t, v, s in zip(rows, sampled, ok, verdicts, scores)
+        {"problem": p.prompt, "answer": c, "correct": t, "self_check": k, "self_verdict": v, "p_yes": round(s, 4)}
+        for p, c, t, k, v, s in zip(rows, sampled, ok, checks, verdicts, scores)
     ]
     return metrics, table

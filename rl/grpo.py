@@ -8,6 +8,7 @@ each step the model also judges its own answers and is rewarded for agreeing wit
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rl.accounting import Callback, Meter
 from rl.checkpoint import load_checkpoint, save_checkpoint
 from rl.generate import Batch, completion_logprobs, sample
-from rl.self_verify import verdict_reward, verify_prompt
+from rl.self_verify import corrupt, verdict_reward, verify_prompt
 from rl.tasks import Task
 
 
@@ -46,7 +47,10 @@ class GRPOConfig(BaseModel):
     )
     self_verify: bool = Field(True, description="Also train the model to verify its own answers.")
     verify_coef: float = Field(0.5, ge=0.0, description="Weight of the verification loss next to the solving loss.")
-    verify_max_new_tokens: int = Field(4, ge=1, description="Longest verdict sampled.")
+    verify_max_new_tokens: int = Field(32, ge=1, description="Longest check-and-verdict sampled.")
+    verify_balanced: bool = Field(
+        True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
+    )
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
@@ -146,6 +150,7 @@ def train_grpo(
         model.train()
         # 1. sample G completions for each of the step's problems: o_1..o_G ~ pi_theta_old(. | q)
         problems = task.problems(cfg.prompts_per_step, "train", seed=seed * 1_000_003 + step)
+        rng = random.Random(f"grpo:{seed}:{step}")
         rows = [p for p in problems for _ in range(G)]
         with meter.phase("rollout"):
             solve = sample(model, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
@@ -159,13 +164,23 @@ def train_grpo(
         meter.count(problems=len(problems), samples_solve=len(rows), tokens_prompt=int(solve.prompt_mask.sum()),
                     tokens_generated=int(solve.completion_mask.sum()))
 
-        # 2. self-verification: the model judges each of its answers; reward = agreement with the verifier
+        # 2. self-verification: the model checks answers, its own where they fit a class drawn at equal odds
+        #    (else the reference, or its answer perturbed); reward = agreement with the program verifier
         if cfg.self_verify:
+            shown = list(solve.texts)
+            if cfg.verify_balanced:
+                for i, (p, ok) in enumerate(zip(rows, correct)):
+                    want_correct = rng.random() < 0.5
+                    if want_correct and not ok:
+                        shown[i] = p.solution
+                    elif not want_correct and ok:
+                        shown[i] = corrupt(shown[i].strip(), rng)
+            truth = [task.is_correct(p, c) for p, c in zip(rows, shown)]
             with meter.phase("verify_rollout"):
-                verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, solve.texts)],
+                verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
                                 cfg.verify_max_new_tokens, cfg.temperature, generator=generator)
             meter.add("verify_rollout", fm.generation(verify))
-            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, correct)])
+            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
             batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
                             cfg.verify_coef))
             meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rl.accounting import Callback, FlopModel, Meter
 from rl.checkpoint import latest_checkpoint
 from rl.evaluate import EvalConfig, evaluate
+from rl.generate import sample
 from rl.grpo import GRPOConfig, train_grpo
 from rl.model import ModelConfig, count_params, load_model, save_model
 from rl.sft import SFTConfig, train_sft
@@ -84,13 +85,24 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     # 1. cold-start SFT (skipped when an RL checkpoint exists: its weights already include it)
     sft_dir = out / "sft"
     if found is None or found[0] == "sft":
-        train_sft(model, tokenizer, task, cfg.sft, seed=cfg.seed, meter=meter, callback=callback, ckpt_dir=ckpt_dir)
-        sft_metrics, _ = run_eval(eval_problems, cfg.sft.steps)
-        callback.on_log(cfg.sft.steps, sft_metrics | meter.metrics())
+        check_problems = task.problems(200, "train", seed=-cfg.seed - 10**9)  # training split: no eval leakage
+
+        def train_accuracy() -> float:
+            with meter.phase("eval"):
+                b = sample(model, tokenizer, [p.prompt for p in check_problems], cfg.eval.max_new_tokens, greedy=True)
+            meter.add("eval", meter.fm.generation(b))
+            return sum(task.is_correct(p, c) for p, c in zip(check_problems, b.texts)) / len(check_problems)
+
+        sft_steps = train_sft(model, tokenizer, task, cfg.sft, seed=cfg.seed, meter=meter, callback=callback,
+                              ckpt_dir=ckpt_dir, accuracy=train_accuracy)
+        sft_metrics, _ = run_eval(eval_problems, sft_steps)
+        sft_metrics["eval/sft_steps"] = float(sft_steps)
+        callback.on_log(sft_steps, sft_metrics | meter.metrics())
         _save_atomic(model, tokenizer, sft_dir)
         (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
     else:
         sft_metrics = json.loads((sft_dir / "eval.json").read_text())
+    sft_steps = int(sft_metrics["eval/sft_steps"])
 
     # 2. GRPO from the SFT checkpoint, against a frozen copy of it when beta > 0
     ref_model = None
@@ -100,16 +112,16 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     quick = eval_problems[: cfg.grpo.eval_problems]
     train_grpo(
         model, tokenizer, task, cfg.grpo, seed=cfg.seed, meter=meter, callback=callback, ref_model=ref_model,
-        ckpt_dir=ckpt_dir, step_offset=cfg.sft.steps, on_eval=lambda step: run_eval(quick, step)[0],
+        ckpt_dir=ckpt_dir, step_offset=sft_steps, on_eval=lambda step: run_eval(quick, step)[0],
     )
 
     # 3. final held-out evaluation on the same problems as the SFT checkpoint's
-    metrics, table = run_eval(eval_problems, cfg.sft.steps + cfg.grpo.steps)
+    metrics, table = run_eval(eval_problems, sft_steps + cfg.grpo.steps)
     for k, v in sft_metrics.items():
-        metrics[k.replace("eval/", "eval/sft_", 1)] = v
+        metrics[k if k.startswith("eval/sft_") else k.replace("eval/", "eval/sft_", 1)] = v
     metrics["eval/rl_gain"] = metrics["eval/accuracy"] - sft_metrics["eval/accuracy"]
     metrics |= meter.metrics()
-    callback.on_log(cfg.sft.steps + cfg.grpo.steps, metrics)
+    callback.on_log(sft_steps + cfg.grpo.steps, metrics)
     _save_atomic(model, tokenizer, out / "final")
     return RunResult(metrics, sft_metrics, table, out / "final", count_params(model))
 

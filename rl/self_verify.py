@@ -1,4 +1,5 @@
-"""Self-verification: the model is shown its own answer ("problem answer ok?") and says yes or no.
+"""Self-verification: the model is shown its own answer ("problem answer ok?"), writes a short check
+(by default it redoes the problem) and ends with a verdict, yes or no.
 
 The verdict is rewarded by agreement with the program verifier (RISE-style), so the model learns to check
 its own homework; at test time the same verdicts pick among sampled answers (self-verified best-of-N).
@@ -23,9 +24,16 @@ def verify_prompt(task: Task, problem: Problem, completion: str) -> str:
 
 
 def parse_verdict(text: str) -> bool | None:
-    """True for yes, False for no, None when the verdict is malformed."""
-    head = text.strip()[:1].lower()
-    return True if head == "y" else False if head == "n" else None
+    """True for yes, False for no (the last word), None when the verdict is malformed."""
+    words = text.split()
+    last = words[-1].lower() if words else ""
+    return True if last == YES else False if last == NO else None
+
+
+def split_trace(text: str) -> str:
+    """The check written before the verdict word."""
+    words = text.rsplit(maxsplit=1)
+    return words[0] if len(words) == 2 and parse_verdict(words[1]) is not None else text.strip()
 
 
 def verdict_reward(verdict_text: str, truth: bool) -> float:
@@ -34,41 +42,52 @@ def verdict_reward(verdict_text: str, truth: bool) -> float:
 
 
 def corrupt(text: str, rng: random.Random) -> str:
-    """A plausible wrong answer: change one or two digits of a reference solution (or drop a character)."""
+    """A plausible wrong answer: one to three digits changed, or (one time in five) a character dropped or added."""
     digits = [i for i, c in enumerate(text) if c.isdigit()]
-    if not digits:
-        return text[:-1] if len(text) > 1 else text + "0"
+    if not digits or rng.random() < 0.2:
+        if len(text) < 2 or rng.random() < 0.5:
+            i = rng.randrange(len(text) + 1)
+            return text[:i] + rng.choice("0123456789") + text[i:]
+        i = rng.randrange(len(text))
+        return text[:i] + text[i + 1 :]
     chars = list(text)
-    for i in rng.sample(digits, k=min(len(digits), rng.choice((1, 1, 2)))):
+    for i in rng.sample(digits, k=min(len(digits), rng.choice((1, 1, 1, 2, 2, 3)))):
         chars[i] = rng.choice([d for d in "0123456789" if d != chars[i]])
     return "".join(chars)
 
 
 def sft_examples(
-    task: Task, problems: list[Problem], rng: random.Random, verify_fraction: float
+    task: Task, problems: list[Problem], rng: random.Random, verify_fraction: float, correct_share: float = 0.5
 ) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs: solutions, and verification examples (half correct, half corrupted)."""
+    """(prompt, completion) pairs: solutions, and verification examples of reference or corrupted answers.
+
+    Mostly-corrupted verification examples (`correct_share` < 0.5) keep the model from learning to copy the
+    answer it is shown into its check instead of redoing the problem."""
     out = []
     for p in problems:
         if rng.random() >= verify_fraction:
             out.append((p.prompt, p.solution))
             continue
-        answer = p.solution if rng.random() < 0.5 else corrupt(p.solution, rng)
-        out.append((verify_prompt(task, p, answer), YES if task.is_correct(p, answer) else NO))
+        answer = p.solution if rng.random() < correct_share else corrupt(p.solution, rng)
+        verdict = YES if task.is_correct(p, answer) else NO
+        out.append((verify_prompt(task, p, answer), f"{task.check_trace(p, answer)} {verdict}"))
     return out
 
 
 @torch.no_grad()
-def p_yes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, int]:
-    """P(yes) / (P(yes) + P(no)) for each verification prompt, by teacher-forcing both verdicts.
+def p_yes(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str]
+) -> tuple[torch.Tensor, int]:
+    """P(yes) / (P(yes) + P(no)) after each prompt and its check, by teacher-forcing both verdicts.
 
     Also returns the padded length of the 2 x len(prompts) sequences it ran (for FLOP accounting)."""
     device = next(model.parameters()).device
     both = prompts + prompts
     ids, mask = encode_prompts(tokenizer, both, device)
-    cids, cmask = encode_completions(tokenizer, [YES] * len(prompts) + [NO] * len(prompts), device)
+    verdicts = [f"{t} {YES}" for t in traces] + [f"{t} {NO}" for t in traces]
+    cids, cmask = encode_completions(tokenizer, verdicts, device)
     batch = Batch(ids, mask, cids, cmask, [])
     logp, _ = completion_logprobs(model, batch)
-    seq = (logp * cmask).sum(-1)
+    seq = (logp * cmask).sum(-1)  # the shared trace tokens cancel in the difference
     yes, no = seq[: len(prompts)], seq[len(prompts) :]
     return torch.sigmoid(yes - no), batch.input_ids.shape[1]

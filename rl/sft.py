@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +29,15 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
-    verify_fraction: float = Field(0.3, ge=0.0, le=1.0, description="Share of examples that teach verification.")
+    verify_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of examples that teach verification.")
+    verify_correct_share: float = Field(
+        0.3, ge=0.0, le=1.0, description="Share of verification examples showing a correct answer (the rest wrong)."
+    )
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+    target_accuracy: float | None = Field(
+        None, gt=0.0, le=1.0, description="Stop early once greedy accuracy on training-split problems reaches this."
+    )
+    check_every: int = Field(20, ge=1, description="Steps between checks of `target_accuracy`.")
 
 
 def train_sft(
@@ -42,8 +50,12 @@ def train_sft(
     meter: Meter,
     callback: Callback,
     ckpt_dir: Path | None = None,
-) -> None:
-    """Minimise -log p(completion | prompt) on fresh generated examples each step; resumes from `ckpt_dir`."""
+    accuracy: Callable[[], float] | None = None,
+) -> int:
+    """Minimise -log p(completion | prompt) on fresh generated examples each step; resumes from `ckpt_dir`.
+
+    With `cfg.target_accuracy`, `accuracy()` is checked every `cfg.check_every` steps and SFT stops once it
+    reaches the target (RL starts from a model that still has room). Returns the number of steps run."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
@@ -54,7 +66,7 @@ def train_sft(
     for step in range(start, cfg.steps):
         rng = random.Random(f"sft:{seed}:{step}")
         problems = task.problems(cfg.batch_size, "train", seed=-(seed * 1_000_003 + step) - 1)
-        examples = sft_examples(task, problems, rng, cfg.verify_fraction)
+        examples = sft_examples(task, problems, rng, cfg.verify_fraction, cfg.verify_correct_share)
         with meter.phase("sft"):
             ids, mask = encode_prompts(tokenizer, [p for p, _ in examples], device)
             cids, cmask = encode_completions(tokenizer, [c for _, c in examples], device)
@@ -74,3 +86,8 @@ def train_sft(
         callback.on_log(step + 1, metrics | meter.metrics())
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
+        if cfg.target_accuracy and accuracy and (step + 1) % cfg.check_every == 0:
+            if accuracy() >= cfg.target_accuracy:
+                return step + 1
+            model.train()
+    return cfg.steps

@@ -57,6 +57,10 @@ class Task:
         """The part of a completion that is the answer (shown back to the model when it self-verifies)."""
         return completion.strip()[:200]
 
+    def check_trace(self, problem: Problem, completion: str) -> str:
+        """The worked check written before a verdict: by default the problem redone, to compare against."""
+        return problem.solution
+
     def is_correct(self, problem: Problem, completion: str) -> bool:
         answer = self.extract(completion)
         return answer is not None and self.check(problem, answer)

@@ -36,11 +36,35 @@ class ArithmeticTask(Task):
         width = (d + 1 if op == "+" else 2 * d) if d else 0
         prompt = f"{a:0{d}d}{op}{b:0{d}d}=" if d else f"{a}{op}{b}="
         solution = f"{result:0{width}d}" if d else str(result)
-        return Problem(key=f"{a}{op}{b}", prompt=prompt, solution=solution, data={"result": result})
+        return Problem(
+            key=f"{a}{op}{b}", prompt=prompt, solution=solution, data={"a": a, "b": b, "op": op, "result": result}
+        )
 
     def extract(self, completion: str) -> int | None:
         text = completion.strip()
         return int(text) if _INT.fullmatch(text) else None
+
+    def check_trace(self, problem: Problem, completion: str) -> str:
+        """Column addition from the units up, one group per digit: the two digits, the carry in, their two-digit
+        sum, the shown digit, and `=` or `!` (`07+05=053`: `750123!,001015!`). Products are checked
+        digit by digit against the result (correct digit, shown digit, mark). `?` when nothing parses."""
+        answer = self.extract(completion)
+        if answer is None:
+            return "?"
+        correct, given = str(problem.data["result"]), str(answer)
+        if problem.data.get("op") != "+" or answer < 0:
+            width = max(len(correct), len(given))
+            pairs = zip(correct.zfill(width), given.zfill(width))
+            return "".join(f"{c}{g}{'=' if c == g else '!'}" for c, g in pairs)
+        a, b = str(problem.data["a"]), str(problem.data["b"])
+        width = max(len(correct), len(given))
+        a, b, given = a.zfill(width)[::-1], b.zfill(width)[::-1], given.zfill(width)[::-1]
+        groups, carry = [], 0
+        for da, db, dg in zip(a, b, given):
+            total = int(da) + int(db) + carry
+            groups.append(f"{da}{db}{carry}{total:02d}{dg}{'=' if total % 10 == int(dg) else '!'}")
+            carry = total // 10
+        return ",".join(groups)
 
     def check(self, problem: Problem, answer: int) -> bool:
         return answer == problem.data["result"]

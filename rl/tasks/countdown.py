@@ -138,6 +138,19 @@ class CountdownTask(Task):
         except (SyntaxError, ValueError, RecursionError, MemoryError):  # _RefusedError is a ValueError
             return None
 
+    def check_trace(self, problem: Problem, completion: str) -> str:
+        """The value of the proposed expression (`!` when it uses numbers not given, `?` when malformed)."""
+        expr = self.extract(completion)
+        if expr is None:
+            return "?"
+        if Counter(_leaves(expr)) - Counter(problem.data["numbers"]):
+            return "!"
+        try:
+            value = evaluate(expr)
+        except ZeroDivisionError:
+            return "?"
+        return f"={value.numerator}" if value.denominator == 1 else f"={value.numerator}/{value.denominator}"
+
     def check(self, problem: Problem, answer: Expr) -> bool:
         if Counter(_leaves(answer)) - Counter(problem.data["numbers"]):
             return False  # a number not given, or used more often than given
