@@ -212,7 +212,7 @@ def train_grpo(
                     total = total + coef * loss
                     mask = b.completion_mask.float()
                     prefix = "train/" if name == "solve" else "train/verify_"
-                    metrics[prefix + "loss"] = float(loss)
+                    metrics[prefix + "loss"] = loss.item()
                     metrics[prefix + "clip_frac"] = stats["clip_frac"]
                     metrics[prefix + "kl"] = stats["kl"]
                     metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))

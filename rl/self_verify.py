@@ -42,7 +42,7 @@ def verdict_reward(verdict_text: str, truth: bool) -> float:
 
 
 def corrupt(text: str, rng: random.Random) -> str:
-    """A plausible wrong answer: one to three digits changed, or (one time in five) a character dropped or added."""
+    """A wrong answer: each digit changed with odds 0.6 (at least one), or (1 in 5) a character dropped or added."""
     digits = [i for i, c in enumerate(text) if c.isdigit()]
     if not digits or rng.random() < 0.2:
         if len(text) < 2 or rng.random() < 0.5:
@@ -51,7 +51,8 @@ def corrupt(text: str, rng: random.Random) -> str:
         i = rng.randrange(len(text))
         return text[:i] + text[i + 1 :]
     chars = list(text)
-    for i in rng.sample(digits, k=min(len(digits), rng.choice((1, 1, 1, 2, 2, 3)))):
+    changed = [i for i in digits if rng.random() < 0.6] or [rng.choice(digits)]  # most digits: no "all equal" prior
+    for i in changed:
         chars[i] = rng.choice([d for d in "0123456789" if d != chars[i]])
     return "".join(chars)
 

@@ -82,7 +82,7 @@ def train_sft(
             scheduler.step()
         meter.add("sft", meter.fm.sequences(*batch.input_ids.shape, train=True))
         meter.count(problems=len(problems), tokens_prompt=int(mask.sum()), tokens_trained=int(cmask.sum()))
-        metrics = {"sft/loss": float(loss), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}
+        metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}
         callback.on_log(step + 1, metrics | meter.metrics())
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
