@@ -53,7 +53,7 @@ def main() -> None:
     result = {
         "benchmark": "grpo_throughput",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": f"llama-{args.size}",

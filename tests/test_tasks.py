@@ -82,14 +82,16 @@ class _FixedRng:
 
 
 @pytest.mark.parametrize("op", ["+", "*"])
-def test_arithmetic_exhaustive_one_digit(op: str) -> None:
-    task = ArithmeticTask(ArithmeticParams(digits=1, ops=[op]))
+@pytest.mark.parametrize("zero_pad", [True, False])
+def test_arithmetic_exhaustive_one_digit(op: str, zero_pad: bool) -> None:
+    task = ArithmeticTask(ArithmeticParams(digits=1, ops=[op], zero_pad=zero_pad))
     for a in range(10):
         for b in range(10):
             p = task.sample(_FixedRng(a, b, op))  # type: ignore[arg-type]
             assert p.prompt == f"{a}{op}{b}="
             result = a + b if op == "+" else a * b
-            assert p.solution == str(result)
+            assert p.solution == (f"{result:02d}" if zero_pad else str(result))
+            assert task.reward(p, str(result)) == 1.0 and task.reward(p, f"0{result}") == 1.0
             assert task.reward(p, p.solution) == 1.0
             assert task.reward(p, f" {result}\n") == 1.0
             assert task.reward(p, str(result + 1)) == task.params.format_reward

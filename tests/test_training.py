@@ -1,11 +1,12 @@
-"""Short real training runs: SFT then GRPO raises reward; checkpoint/resume is exact to the step."""
+"""Short real training runs: SFT then GRPO raises reward; the full pipeline reports every metric;
+checkpoint/resume is exact to the step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rl.accounting import FlopModel, Meter
+from rl.accounting import PHASES, FlopModel, Meter
 from rl.checkpoint import latest_checkpoint
 from rl.grpo import GRPOConfig, train_grpo
 from rl.model import ModelConfig, load_model
@@ -13,36 +14,46 @@ from rl.pipeline import PipelineConfig, run_pipeline
 from rl.tasks import ArithmeticParams, make_task
 
 
-def test_sft_then_grpo_reward_rises(tmp_path, recorder):
-    cfg = PipelineConfig.model_validate({
+def _config(tmp_path, **grpo) -> PipelineConfig:
+    return PipelineConfig.model_validate({
         "seed": 0,
         "model": {"size": "nano"},
         "task": {"name": "arithmetic", "digits": 1, "eval_percent": 30},
-        "sft": {"steps": 40, "batch_size": 32, "learning_rate": 3e-3},
-        "grpo": {"steps": 40, "prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 4,
-                 "learning_rate": 2e-3, "eval_every": 20, "eval_problems": 5},
-        "eval": {"problems": 8, "samples": 4, "max_new_tokens": 4},
+        "sft": {"steps": 100, "batch_size": 32, "learning_rate": 3e-3, "lr_schedule": "constant"},
+        "grpo": {"prompts_per_step": 8, "num_generations": 8, "max_new_tokens": 4, "verify_max_new_tokens": 20,
+                 "learning_rate": 2e-4} | grpo,
+        "eval": {"problems": 8, "samples": 4, "max_new_tokens": 4, "verify_max_new_tokens": 20},
         "output_dir": str(tmp_path / "run"),
     })
-    result = run_pipeline(cfg, recorder, resume=False)
+
+
+def test_sft_then_grpo_reward_rises(tmp_path, recorder):
+    result = run_pipeline(_config(tmp_path, steps=150, self_verify=False), recorder, resume=False)
     reward = recorder.series("train/reward_mean")
-    assert len(reward) == 40
-    early, late = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
-    assert late > early + 0.1, (early, late)
+    assert len(reward) == 150
+    early, late = sum(reward[:20]) / 20, sum(reward[-20:]) / 20
+    assert late > early + 0.05, (early, late)
+    assert result.metrics["eval/sft_accuracy"] >= 0 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_pipeline_with_self_verification_reports_everything(tmp_path, recorder):
+    result = run_pipeline(_config(tmp_path, steps=4, eval_every=2, eval_problems=4), recorder, resume=False)
     m = result.metrics
-    for key in ("eval/accuracy", "eval/pass_at_4", "eval/verify_balanced_accuracy", "eval/best_of_4_accuracy",
-                "eval/sft_accuracy", "compute/flops/rollout", "compute/flops/verify_rollout", "compute/flops/policy",
-                "compute/flops/eval", "compute/flops/sft", "data/tokens/trained", "data/samples/verify"):
-        assert key in m and m[key] >= 0, key
-    assert m["compute/flops"] == pytest.approx(sum(m[f"compute/flops/{p}"] for p in
-                                                   ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")))
-    assert m["data/problems"] == 40 * 32 + 40 * 8
-    assert m["data/samples/solve"] == 40 * 64 and m["data/samples/verify"] == 40 * 64
-    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    for key in ("eval/accuracy", "eval/pass_at_4", "eval/verify_accuracy", "eval/verify_balanced_accuracy",
+                "eval/best_of_4_accuracy", "eval/sft_accuracy", "eval/rl_gain", "data/tokens/trained",
+                "data/tokens/prompt", "data/tokens/generated", "compute/device_seconds", "compute/gpu_hours"):
+        assert key in m and m[key] == m[key], key  # present and not NaN
+    for phase in ("sft", "rollout", "verify_rollout", "policy", "eval"):
+        assert m[f"compute/flops/{phase}"] > 0 and m[f"compute/device_seconds/{phase}"] > 0, phase
+    assert m["compute/flops/reference"] == 0  # beta = 0: no reference model at all
+    assert m["compute/flops"] == pytest.approx(sum(m[f"compute/flops/{p}"] for p in PHASES))
+    assert m["data/problems"] == 100 * 32 + 4 * 8
+    assert m["data/samples/solve"] == 4 * 64 and m["data/samples/verify"] == 4 * 64
     for name in ("train/clip_frac", "train/kl", "train/entropy", "train/completion_len", "train/grad_norm",
-                 "train/zero_std_frac", "train/reward_std", "train/verify_reward_mean"):
-        assert len(recorder.series(name)) == 40, name
+                 "train/zero_std_frac", "train/reward_std", "train/verify_reward_mean", "train/verify_loss"):
+        assert len(recorder.series(name)) == 4, name
     assert len(recorder.series("eval/accuracy")) == 3  # after SFT, mid-RL, final
+    assert len(result.eval_table) == 8 * 4
 
 
 def _grpo(tmp_path, recorder, **kw):
@@ -60,16 +71,16 @@ def _grpo(tmp_path, recorder, **kw):
 def test_resume_gives_identical_next_steps(tmp_path, make_recorder):
     Recorder = make_recorder
     straight = Recorder()
-    model_a, meter_a = _grpo(tmp_path / "a", straight)
-    first = Recorder()
-    _grpo(tmp_path / "b", first, stop_after=4)  # "crash" after step 4 (checkpoint at 4)
+    model_a, _ = _grpo(tmp_path / "a", straight)
+    _grpo(tmp_path / "b", Recorder(), stop_after=4)  # "crash" after step 4 (checkpoint at 4)
     assert latest_checkpoint(tmp_path / "b")[:2] == ("rl", 4)
     resumed = Recorder()
-    model_b, meter_b = _grpo(tmp_path / "b", resumed)
+    model_b, _ = _grpo(tmp_path / "b", resumed)
     assert [s for s, _ in resumed.logs] == [5, 6]  # no step is run (or counted) twice
     for (sa, ma), (sb, mb) in zip(straight.logs[4:], resumed.logs):
         assert sa == sb
         assert ma["train/loss"] == mb["train/loss"] and ma["train/verify_loss"] == mb["train/verify_loss"]
         assert ma["compute/flops"] == mb["compute/flops"] and ma["data/tokens/trained"] == mb["data/tokens/trained"]
+        assert mb["compute/flops/reference"] > 0  # beta > 0 runs the reference forward
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
