@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from experiments.config import ConfigError, load_config
-from rl.pipeline import InputError, run_pipeline
+from experiments.runner import run_experiment
+from rl.pipeline import InputError
+from tracking.cost import PriceError
 
 app = typer.Typer(
     help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
@@ -85,10 +87,10 @@ def train(
         cfg = load_config(config, set_)
         bar = ProgressCallback(cfg.sft.steps, cfg.grpo.steps)
         try:
-            result = run_pipeline(cfg, bar, resume=not no_resume)
+            result = run_experiment(cfg, bar, resume=not no_resume)
         finally:
             bar.close()
-    except (ConfigError, InputError) as e:
+    except (ConfigError, InputError, PriceError) as e:
         fail(str(e), debug)
         return
     table = Table(title=f"{cfg.name}: {cfg.model.name} on {cfg.task.name}")
@@ -101,6 +103,8 @@ def train(
             table.add_row(key, "" if before is None else f"{before:.3f}", f"{value:.3f}")
     Console().print(table)
     print(f"model saved to {result.model_dir}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rl.pipeline import PipelineConfig
 
@@ -15,10 +15,23 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the file and the key."""
 
 
+class TrackingConfig(BaseModel):
+    """Where and how a run is recorded in MLflow."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Record the run in MLflow.")
+    uri: str | None = Field(None, description="Tracking URI (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db).")
+    root: str = Field("mlruns", description="Folder of the embedded SQLite store and its artifacts.")
+    prices: str | None = Field(None, description="Price table TOML (default: tracking/prices.toml).")
+    phase: str = Field("rl", description="Phase tag: sft, rl, eval, sweep-trial, ablation, final, ...")
+    flush_seconds: float = Field(10.0, gt=0.0, le=30.0, description="Longest wait before metrics are sent.")
+
+
 class ExperimentConfig(PipelineConfig):
     """One experiment: the training pipeline plus where and under which name it is recorded."""
 
     name: str = Field("rlscale", min_length=1, max_length=200, description="Experiment name (MLflow experiment).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
 
 def parse_value(text: str) -> Any:
@@ -77,6 +90,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{where}: not valid TOML: {e}") from None
     for o in overrides or []:
         apply_override(data, o)
+    if isinstance(data.get("task"), dict):
+        data["task"].setdefault("name", "arithmetic")  # the default task, as when [task] is absent
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:

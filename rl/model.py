@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 # name -> (width, depth, heads); parameter counts with the 100-symbol character vocabulary.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -141,6 +142,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     """Save weights (safetensors) and tokenizer so `load_model(ModelConfig(path=...))` reads them back."""
+    hf_logging.disable_progress_bar()
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

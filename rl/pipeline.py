@@ -17,9 +17,9 @@ from rl.checkpoint import latest_checkpoint
 from rl.evaluate import EvalConfig, evaluate
 from rl.generate import sample
 from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, count_params, load_model, save_model
+from rl.model import ModelConfig, count_params, load_model, pick_device, save_model
 from rl.sft import SFTConfig, train_sft
-from rl.tasks import ArithmeticParams, TaskConfig, make_task
+from rl.tasks import ArithmeticParams, Problem, Task, TaskConfig, make_task
 
 
 class InputError(ValueError):
@@ -48,6 +48,7 @@ class RunResult:
     eval_table: list[dict] = field(default_factory=list)
     model_dir: Path | None = None
     n_params: int = 0
+    run_id: str | None = None  # set by the tracking layer
 
 
 def _save_atomic(model, tokenizer, path: Path) -> None:
@@ -58,6 +59,20 @@ def _save_atomic(model, tokenizer, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
+    """Everything that can be wrong with the input, found before anything runs or is written."""
+    try:
+        task = make_task(cfg.task)
+        eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
+        task.problems(1, "train", seed=cfg.seed)
+        if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a model directory (no config.json)")
+        pick_device(cfg.model.device)
+    except (ValueError, OSError) as e:
+        raise InputError(str(e).splitlines()[0]) from e
+    return task, eval_problems
+
+
 def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -> RunResult:
     """SFT then GRPO with self-verification, evaluated before and after RL; resumes from checkpoints."""
     random.seed(cfg.seed)
@@ -66,14 +81,14 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     ckpt_dir = out / "checkpoints"
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    try:  # everything that can be wrong with the input fails here, before any training
-        task = make_task(cfg.task)
-        eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
-        task.problems(1, "train", seed=cfg.seed)
+    task, eval_problems = check_inputs(cfg)
+    try:
         model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
-    meter = Meter(FlopModel.of(model))
+    device = next(model.parameters()).device
+    # device-seconds count every core of a CPU run (the unit CPU time is priced in), every GPU of a GPU run
+    meter = Meter(FlopModel.of(model), devices=torch.get_num_threads() if device.type == "cpu" else 1)
     found = latest_checkpoint(ckpt_dir)
 
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:

@@ -1,0 +1,53 @@
+"""Wires a validated experiment to the trainer and the tracker: one training run = one MLflow run."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from experiments.config import ExperimentConfig
+from rl.accounting import Callback
+from rl.model import pick_device
+from rl.pipeline import RunResult, check_inputs, run_pipeline
+from tracking.cost import device_key, load_prices
+from tracking.run import TrackedRun, flatten, tracking_uri
+
+
+class Fanout:
+    """Hands every metric to several callbacks."""
+
+    def __init__(self, *callbacks: Callback):
+        self.callbacks = callbacks
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(step, metrics)
+
+
+def run_experiment(cfg: ExperimentConfig, progress: Callback, resume: bool = True) -> RunResult:
+    """Train `cfg`; with tracking on, the run, its metrics, cost and fate go to MLflow."""
+    check_inputs(cfg)  # bad input stops here, before a run exists in the store
+    if not cfg.tracking.enabled:
+        return run_pipeline(cfg, progress, resume=resume)
+    root = Path(cfg.tracking.root)
+    prices = load_prices(cfg.tracking.prices)
+    device = pick_device(cfg.model.device)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    tags = {
+        "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
+        "device.type": device.type, "device.count": str(torch.get_num_threads() if device.type == "cpu" else 1),
+        "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
+    }
+    client = MlflowClient(tracking_uri(cfg.tracking.uri, root))
+    run_name = f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
+    with TrackedRun(client, cfg.name, run_name, tags, flatten(cfg.model_dump()), device_key(device.type, gpu_name),
+                    prices, cfg.tracking.flush_seconds, root) as tracked:
+        client.log_dict(tracked.run_id, cfg.model_dump(), "config.json")
+        result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
+        client.set_tag(tracked.run_id, "model.params", str(result.n_params))
+        client.log_dict(tracked.run_id, {"rows": result.eval_table}, "eval_samples.json")
+    result.run_id = tracked.run_id
+    return result

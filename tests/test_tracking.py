@@ -1,0 +1,108 @@
+"""Runs recorded in a real MLflow SQLite store in a temp dir: metrics, params, tags, cost and fate."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.config import load_config
+from experiments.runner import run_experiment
+from tracking.cost import PriceError, cost_usd, load_prices
+from tracking.run import flatten, tracking_uri
+
+SCHEMA = [
+    "compute/flops", "compute/flops/sft", "compute/flops/rollout", "compute/flops/verify_rollout",
+    "compute/flops/policy", "compute/flops/eval", "compute/device_seconds", "compute/device_seconds/policy",
+    "compute/gpu_hours", "cost/usd", "heartbeat", "data/problems", "data/samples", "data/samples/solve",
+    "data/samples/verify", "data/tokens/prompt", "data/tokens/generated", "data/tokens/trained",
+    "eval/accuracy", "eval/pass_at_4", "eval/verify_accuracy", "eval/verify_balanced_accuracy",
+    "eval/best_of_4_accuracy", "train/reward_mean", "train/reward_std", "train/clip_frac", "train/entropy",
+    "train/grad_norm", "train/zero_std_frac", "train/verify_reward_mean", "sft/loss",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [
+        "name=tracked", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=5",
+        "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_new_tokens=3",
+        "grpo.verify_max_new_tokens=12", "eval.problems=4", "eval.samples=4", "eval.max_new_tokens=3",
+        "eval.verify_max_new_tokens=12", f"output_dir={tmp_path / 'out'}", f"tracking.root={tmp_path / 'mlruns'}",
+        *extra,
+    ])
+
+
+class Boom:
+    """A callback that raises at a given step, after metrics have been produced."""
+
+    def __init__(self, at: int, exc: BaseException):
+        self.at, self.exc = at, exc
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.at:
+            raise self.exc
+
+
+def _client(tmp_path) -> MlflowClient:
+    return MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+
+
+def test_finished_run_has_the_whole_schema(tmp_path, recorder, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_experiment(_cfg(tmp_path), recorder)
+    run = _client(tmp_path).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    missing = [k for k in SCHEMA if k not in run.data.metrics]
+    assert not missing, missing
+    m = run.data.metrics
+    assert m["compute/flops"] == pytest.approx(result.metrics["compute/flops"])
+    assert m["cost/usd"] == pytest.approx(m["compute/device_seconds"] / 3600 * load_prices()["cpu_core"])
+    assert run.data.params["grpo.learning_rate"] == "0.0003" and run.data.params["task.digits"] == "1"
+    tags = run.data.tags
+    for key in ("phase", "task", "model.name", "model.params", "device.type", "device.count", "seed",
+                "git.commit", "git.dirty", "host", "rlscale.version"):
+        assert key in tags, key
+    assert tags["phase"] == "rl" and tags["task"] == "arithmetic" and int(tags["model.params"]) > 100_000
+    files = {f.path for f in _client(tmp_path).list_artifacts(result.run_id)}
+    assert {"config.json", "eval_samples.json"} <= files
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+
+
+def test_exception_marks_failed_and_keeps_compute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_experiment(_cfg(tmp_path), Boom(at=7, exc=RuntimeError("injected")))
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("tracked")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error.class"] == "RuntimeError" and "injected" in run.data.tags["error.message"]
+    assert run.data.metrics["compute/flops"] > 0 and run.data.metrics["cost/usd"] > 0
+
+
+def test_interrupt_marks_killed(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_cfg(tmp_path), Boom(at=3, exc=KeyboardInterrupt()))
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "KILLED" and run.data.metrics["compute/flops"] > 0
+
+
+def test_cost_recomputed_with_another_price_table(tmp_path):
+    table = tmp_path / "prices.toml"
+    table.write_text("[devices.cpu_core]\nusd_per_hour = 1.5\n[devices.h100]\nusd_per_hour = 3.0\n")
+    prices = load_prices(table)
+    assert cost_usd(7200.0, "h100", prices) == pytest.approx(6.0)
+    assert cost_usd(3600.0, "cpu_core", prices) == pytest.approx(1.5)
+    with pytest.raises(PriceError, match="no price for device 'tpu'"):
+        cost_usd(1.0, "tpu", prices)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[devices.h100]\nusd_per_hour = -1\n")
+    with pytest.raises(PriceError, match="non-negative"):
+        load_prices(bad)
+
+
+def test_secret_looking_params_are_masked():
+    flat = flatten({"tracking": {"api_token": "abc", "uri": "x"}, "db_password": "p", "key_path": None, "n": 3})
+    assert flat == {"tracking.api_token": "***", "tracking.uri": "x", "db_password": "***", "key_path": "None",
+                    "n": "3"}

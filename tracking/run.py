@@ -1,0 +1,121 @@
+"""One training run in MLflow: tags, flattened params, batched metrics with cost and heartbeat, and its fate."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from tracking.cost import cost_usd, load_prices
+
+DEFAULT_ROOT = Path("mlruns")
+SECRET_WORDS = ("token", "password", "secret", "key")
+
+
+def tracking_uri(uri: str | None = None, root: Path = DEFAULT_ROOT) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite store `<root>/mlflow.db`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) -> str:
+    """The id of experiment `name`, created (artifacts under `<root>/artifacts/`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if client.tracking_uri.startswith("sqlite:"):
+        artifacts = (root / "artifacts" / name.replace("/", "_")).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b': 'value'}, with values of secret-looking keys masked."""
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            secret = any(w in k.lower() for w in SECRET_WORDS) and v not in (None, "")
+            out[key] = "***" if secret else str(v)[:6000]
+    return out
+
+
+def git_info() -> tuple[str, str]:
+    """(commit, 'true'/'false' dirty) of the working tree, or ('unknown', 'unknown')."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
+        return commit or "unknown", "true" if dirty.strip() else "false"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+class TrackedRun:
+    """A trainer callback that writes to one MLflow run; use as a context manager to record its fate.
+
+    Metrics are buffered and sent with `log_batch` at most every `flush_seconds` (and at the end), together
+    with `cost/usd` (from `compute/device_seconds` and the price table) and a `heartbeat` timestamp."""
+
+    def __init__(self, client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str],
+                 params: dict[str, str], device: str, prices: dict[str, float] | None = None,
+                 flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT):
+        self.client = client
+        self.device = device
+        self.prices = prices or load_prices()
+        self.flush_seconds = flush_seconds
+        commit, dirty = git_info()
+        all_tags = {"project": experiment, "host": socket.gethostname(), "git.commit": commit,
+                    "git.dirty": dirty, "python": platform.python_version(), "device.price_key": device} | tags
+        run = client.create_run(experiment_id(client, experiment, root), tags=all_tags, run_name=run_name)
+        self.run_id = run.info.run_id
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self.last: dict[str, float] = {}
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        if "compute/device_seconds" in metrics:
+            metrics = metrics | {"cost/usd": cost_usd(metrics["compute/device_seconds"], self.device, self.prices)}
+        metrics = metrics | {"heartbeat": now / 1000.0}
+        self.last |= metrics
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # NaN dropped
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered metrics (1000 per call, MLflow's batch limit)."""
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+        self._last_flush = time.monotonic()
+
+    def __enter__(self) -> TrackedRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.flush()
+        if exc_type is None:
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.to_string(RunStatus.KILLED)
+        else:
+            status = RunStatus.to_string(RunStatus.FAILED)
+            self.client.log_batch(self.run_id, tags=[RunTag("error.class", exc_type.__name__),
+                                                     RunTag("error.message", str(exc)[:5000])])
+        self.client.set_terminated(self.run_id, status=status)
+        return False
