@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -107,8 +108,13 @@ def train(
         print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: flushed and marked KILLED
+
+
 def main() -> None:
-    """Entry point that maps Ctrl-C to exit code 130."""
+    """Entry point: SIGTERM behaves as Ctrl-C; both exit with code 130."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:

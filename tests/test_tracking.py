@@ -106,3 +106,36 @@ def test_secret_looking_params_are_masked():
     flat = flatten({"tracking": {"api_token": "abc", "uri": "x"}, "db_password": "p", "key_path": None, "n": 3})
     assert flat == {"tracking.api_token": "***", "tracking.uri": "x", "db_password": "***", "key_path": "None",
                     "n": "3"}
+
+
+def test_sigterm_marks_killed_with_compute(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "mlruns"
+    cmd = [sys.executable, "-m", "experiments.cli", "train", "experiments/addition.toml",
+           "--set", "model.size=nano", "--set", "sft.steps=100000", "--set", "sft.target_accuracy=1.0",
+           "--set", "tracking.flush_seconds=1", "--set", f"tracking.root={root}",
+           "--set", f"output_dir={tmp_path / 'out'}", "--set", "name=sigterm"]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=os.environ | {"MLFLOW_TRACKING_URI": ""})
+    client = MlflowClient(tracking_uri(None, root))
+    deadline = time.time() + 120
+    run = None
+    while time.time() < deadline:  # wait until the run has sent some compute
+        exp = client.get_experiment_by_name("sigterm") if (root / "mlflow.db").exists() else None
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and runs[0].data.metrics.get("compute/flops", 0) > 0:
+            run = runs[0]
+            break
+        time.sleep(0.5)
+    assert run is not None, proc.communicate(timeout=5)[0]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["compute/flops"] > 0 and run.data.metrics["cost/usd"] > 0
