@@ -108,6 +108,71 @@ def train(
         print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
 
 
+runs_app = typer.Typer(help="Runs in the store: list, reconcile.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+UriOpt = Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or mlruns/).")]
+ExpOpt = Annotated[list[str] | None, typer.Option("--experiment", help="Experiment name (repeatable).")]
+
+
+def _client(uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    from tracking.run import tracking_uri
+
+    return MlflowClient(tracking_uri(uri))
+
+
+@runs_app.command("list")
+def runs_list(experiment: ExpOpt = None, uri: UriOpt = None, debug: DebugOpt = False) -> None:
+    """Print a table of runs with status, phase, compute, cost and score.
+
+    Examples:
+      rlscale runs list
+      rlscale runs list --experiment addition
+    """
+    from tracking.runs import list_runs
+
+    try:
+        rows = list_runs(_client(uri), experiment)
+    except ValueError as e:
+        fail(str(e), debug)
+        return
+    table = Table(title="runs")
+    for col in ("run", "status", "phase", "FLOPs", "device-hours", "cost $", "accuracy"):
+        table.add_column(col, justify="left" if col in ("run", "status", "phase") else "right")
+
+    def fmt(x, spec):
+        return "" if x is None else format(x, spec)
+
+    for r in rows:
+        table.add_row(r["name"], r["status"], r["phase"], fmt(r["flops"], ".3g"), fmt(r["device_hours"], ".4f"),
+                      fmt(r["cost_usd"], ".4f"), fmt(r["accuracy"], ".3f"))
+    Console().print(table)
+
+
+@runs_app.command("reconcile")
+def runs_reconcile(
+    experiment: ExpOpt = None,
+    uri: UriOpt = None,
+    stale_seconds: Annotated[float, typer.Option(help="Heartbeat age that counts as dead.")] = 90.0,
+    debug: DebugOpt = False,
+) -> None:
+    """Mark RUNNING runs whose heartbeat stopped (SIGKILL, power loss) as KILLED, keeping their compute.
+
+    Examples:
+      rlscale runs reconcile
+      rlscale runs reconcile --experiment addition --stale-seconds 300
+    """
+    from tracking.runs import reconcile
+
+    try:
+        killed = reconcile(_client(uri), experiment, stale_seconds)
+    except ValueError as e:
+        fail(str(e), debug)
+        return
+    print(f"marked {len(killed)} run(s) KILLED" + (": " + ", ".join(killed) if killed else ""))
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: flushed and marked KILLED
 

@@ -66,6 +66,18 @@ def test_finished_run_has_the_whole_schema(tmp_path, recorder, monkeypatch):
     assert {"config.json", "eval_samples.json"} <= files
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
 
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    uri = tracking_uri(None, tmp_path / "mlruns")
+    out = CliRunner().invoke(app, ["runs", "list", "--uri", uri, "--experiment", "tracked"])
+    assert out.exit_code == 0 and "FINISHED" in out.stdout and "rl" in out.stdout, out.output
+    out = CliRunner().invoke(app, ["runs", "reconcile", "--uri", uri])
+    assert out.exit_code == 0 and "marked 0 run(s) KILLED" in out.stdout
+    out = CliRunner().invoke(app, ["runs", "list", "--uri", uri, "--experiment", "missing"])
+    assert out.exit_code == 2 and "no experiment named 'missing'" in out.stderr
+
 
 def test_exception_marks_failed_and_keeps_compute(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -108,34 +120,63 @@ def test_secret_looking_params_are_masked():
                     "n": "3"}
 
 
-def test_sigterm_marks_killed_with_compute(tmp_path, monkeypatch):
+def _start_training(tmp_path, name: str):
+    """A long training subprocess recording to a store under tmp_path; returns it once compute is in the store."""
     import os
-    import signal
     import subprocess
     import sys
     import time
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "mlruns"
     cmd = [sys.executable, "-m", "experiments.cli", "train", "experiments/addition.toml",
            "--set", "model.size=nano", "--set", "sft.steps=100000", "--set", "sft.target_accuracy=1.0",
            "--set", "tracking.flush_seconds=1", "--set", f"tracking.root={root}",
-           "--set", f"output_dir={tmp_path / 'out'}", "--set", "name=sigterm"]
+           "--set", f"output_dir={tmp_path / 'out'}", "--set", f"name={name}"]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=os.environ | {"MLFLOW_TRACKING_URI": ""})
     client = MlflowClient(tracking_uri(None, root))
     deadline = time.time() + 120
-    run = None
     while time.time() < deadline:  # wait until the run has sent some compute
-        exp = client.get_experiment_by_name("sigterm") if (root / "mlflow.db").exists() else None
+        exp = client.get_experiment_by_name(name) if (root / "mlflow.db").exists() else None
         runs = client.search_runs([exp.experiment_id]) if exp else []
         if runs and runs[0].data.metrics.get("compute/flops", 0) > 0:
-            run = runs[0]
-            break
+            return proc, client, runs[0].info.run_id
         time.sleep(0.5)
-    assert run is not None, proc.communicate(timeout=5)[0]
+    proc.kill()
+    raise AssertionError(proc.communicate(timeout=5)[0])
+
+
+def test_sigterm_marks_killed_with_compute(tmp_path):
+    import signal
+
+    proc, client, run_id = _start_training(tmp_path, "sigterm")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
-    run = client.get_run(run.info.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.metrics["compute/flops"] > 0 and run.data.metrics["cost/usd"] > 0
+
+
+def test_sigkill_then_reconcile_marks_killed_and_keeps_recent_compute(tmp_path):
+    import time
+
+    from tracking.runs import list_runs, reconcile
+
+    proc, client, run_id = _start_training(tmp_path, "sigkill")
+    time.sleep(3)
+    proc.kill()  # SIGKILL: nothing in the process can react
+    killed_at = time.time()
+    proc.wait(timeout=30)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert reconcile(client, ["sigkill"], stale_seconds=60) == []  # heartbeat still fresh: not touched
+    time.sleep(1.5)
+    assert reconcile(client, ["sigkill"], stale_seconds=1) == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["reconciled"] == "heartbeat stopped"
+    assert killed_at - run.data.metrics["heartbeat"] < 30  # recorded compute at most 30 s behind the kill
+    history = client.get_metric_history(run_id, "compute/flops")
+    assert history[-1].value > 0 and killed_at - history[-1].timestamp / 1000 < 30
+    rows = list_runs(client, ["sigkill"])
+    assert rows[0]["status"] == "KILLED" and rows[0]["flops"] > 0
+    with pytest.raises(ValueError, match="no experiment named"):
+        list_runs(client, ["nope"])

@@ -1,0 +1,49 @@
+"""Runs already in the store: list them, and mark runs whose heartbeat stopped (SIGKILL, power loss) KILLED."""
+
+from __future__ import annotations
+
+import time
+
+from mlflow.entities import RunStatus, ViewType
+from mlflow.tracking import MlflowClient
+
+
+def experiment_ids(client: MlflowClient, names: list[str] | None = None) -> list[str]:
+    """Ids of the named experiments (all when none are named); an unknown name is a ValueError."""
+    if not names:
+        return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    ids = []
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise ValueError(f"no experiment named {name!r} in the store")
+        ids.append(exp.experiment_id)
+    return ids
+
+
+def reconcile(client: MlflowClient, names: list[str] | None = None, stale_seconds: float = 90.0) -> list[str]:
+    """Mark RUNNING runs whose last heartbeat (or start) is older than `stale_seconds` as KILLED.
+
+    Their recorded compute stays: only the status changes (and the tag `reconciled` is set)."""
+    now = time.time()
+    killed = []
+    for run in client.search_runs(experiment_ids(client, names), "attributes.status = 'RUNNING'"):
+        last = run.data.metrics.get("heartbeat", run.info.start_time / 1000.0)
+        if now - last > stale_seconds:
+            client.set_tag(run.info.run_id, "reconciled", "heartbeat stopped")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED), end_time=int(last * 1000))
+            killed.append(run.info.run_id)
+    return killed
+
+
+def list_runs(client: MlflowClient, names: list[str] | None = None) -> list[dict]:
+    """One row per run: name, status, phase, compute, cost and score."""
+    rows = []
+    for run in client.search_runs(experiment_ids(client, names), order_by=["attributes.start_time DESC"]):
+        m, t = run.data.metrics, run.data.tags
+        rows.append({
+            "run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+            "phase": t.get("phase", ""), "flops": m.get("compute/flops"), "device_hours": m.get("compute/gpu_hours"),
+            "cost_usd": m.get("cost/usd"), "accuracy": m.get("eval/accuracy"),
+        })
+    return rows
