@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.config import ExperimentConfig
 from rl.accounting import Callback
+from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
 from rl.pipeline import RunResult, check_inputs, run_pipeline
 from tracking.cost import device_key, load_prices
@@ -43,8 +44,15 @@ def run_experiment(cfg: ExperimentConfig, progress: Callback, resume: bool = Tru
     }
     client = MlflowClient(tracking_uri(cfg.tracking.uri, root))
     run_name = f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
+    # a run resumed from a checkpoint continues the MLflow run that wrote it (no step is counted twice)
+    id_file = Path(cfg.output_dir) / "mlflow_run_id"
+    resume_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    if resume_id and latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None:
+        resume_id = None
     with TrackedRun(client, cfg.name, run_name, tags, flatten(cfg.model_dump()), device_key(device.type, gpu_name),
-                    prices, cfg.tracking.flush_seconds, root) as tracked:
+                    prices, cfg.tracking.flush_seconds, root, resume_run_id=resume_id) as tracked:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(tracked.run_id)
         client.log_dict(tracked.run_id, cfg.model_dump(), "config.json")
         result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
         client.set_tag(tracked.run_id, "model.params", str(result.n_params))

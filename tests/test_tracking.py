@@ -180,3 +180,19 @@ def test_sigkill_then_reconcile_marks_killed_and_keeps_recent_compute(tmp_path):
     assert rows[0]["status"] == "KILLED" and rows[0]["flops"] > 0
     with pytest.raises(ValueError, match="no experiment named"):
         list_runs(client, ["nope"])
+
+
+def test_resume_continues_the_same_run_without_double_counting(tmp_path, recorder, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path, "grpo.checkpoint_every=1", "grpo.steps=4")
+    with pytest.raises(RuntimeError):
+        run_experiment(cfg, Boom(at=8, exc=RuntimeError("crash")))  # dies in RL step 3 (global step 8)
+    client = _client(tmp_path)
+    (first,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert first.info.status == "FAILED"
+    result = run_experiment(cfg, recorder)
+    assert result.run_id == first.info.run_id
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert run.data.metrics["data/samples/solve"] == 4 * 16  # 4 RL steps x 16 samples, none counted twice
+    assert [s for s, m in recorder.logs if "train/rl_step" in m] == [8, 9]  # resumed after the step-2 checkpoint

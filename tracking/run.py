@@ -70,7 +70,7 @@ class TrackedRun:
 
     def __init__(self, client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str],
                  params: dict[str, str], device: str, prices: dict[str, float] | None = None,
-                 flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT):
+                 flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None):
         self.client = client
         self.device = device
         self.prices = prices or load_prices()
@@ -78,11 +78,16 @@ class TrackedRun:
         commit, dirty = git_info()
         all_tags = {"project": experiment, "host": socket.gethostname(), "git.commit": commit,
                     "git.dirty": dirty, "python": platform.python_version(), "device.price_key": device} | tags
-        run = client.create_run(experiment_id(client, experiment, root), tags=all_tags, run_name=run_name)
-        self.run_id = run.info.run_id
-        items = list(params.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        if resume_run_id:  # a resumed training continues its own run: cumulative metrics carry on from the checkpoint
+            self.run_id = resume_run_id
+            client.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            client.set_tag(resume_run_id, "resumed", "true")
+        else:
+            run = client.create_run(experiment_id(client, experiment, root), tags=all_tags, run_name=run_name)
+            self.run_id = run.info.run_id
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self.last: dict[str, float] = {}
