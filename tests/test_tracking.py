@@ -196,3 +196,59 @@ def test_resume_continues_the_same_run_without_double_counting(tmp_path, recorde
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert run.data.metrics["data/samples/solve"] == 4 * 16  # 4 RL steps x 16 samples, none counted twice
     assert [s for s, m in recorder.logs if "train/rl_step" in m] == [8, 9]  # resumed after the step-2 checkpoint
+
+
+def test_logs_to_an_mlflow_server_over_http(tmp_path, recorder, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        result = run_experiment(_cfg(tmp_path), recorder)
+        run = MlflowClient(url).get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["compute/flops"] > 0 and "eval/accuracy" in run.data.metrics
+        assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # nothing went to the embedded store
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_artifact_location_never_escapes_the_root(tmp_path, monkeypatch):
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from tracking.run import experiment_id
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "mlruns"
+    client = MlflowClient(tracking_uri(None, root))
+    for name in ("../../evil", "a/../../b", "..", "/abs/path"):
+        exp = client.get_experiment(experiment_id(client, name, root))
+        location = Path(urlparse(exp.artifact_location).path).resolve()
+        assert location.is_relative_to((root / "artifacts").resolve()), (name, location)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import platform
 import socket
 import subprocess
@@ -35,7 +36,8 @@ def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) ->
         return exp.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:"):
-        artifacts = (root / "artifacts" / name.replace("/", "_")).resolve().as_uri()
+        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "experiment"  # no '/', no '..'
+        artifacts = (root / "artifacts" / folder).resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 
 
