@@ -25,6 +25,7 @@ class TrackingConfig(BaseModel):
     prices: str | None = Field(None, description="Price table TOML (default: tracking/prices.toml).")
     phase: str = Field("rl", description="Phase tag: sft, rl, eval, sweep-trial, ablation, final, ...")
     flush_seconds: float = Field(10.0, gt=0.0, le=30.0, description="Longest wait before metrics are sent.")
+    log_model: bool = Field(False, description="Log the final model (safetensors) as an artifact of the run.")
 
 
 class ExperimentConfig(PipelineConfig):

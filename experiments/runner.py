@@ -57,5 +57,7 @@ def run_experiment(cfg: ExperimentConfig, progress: Callback, resume: bool = Tru
         result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
         client.set_tag(tracked.run_id, "model.params", str(result.n_params))
         client.log_dict(tracked.run_id, {"rows": result.eval_table}, "eval_samples.json")
+        if cfg.tracking.log_model and result.model_dir:
+            client.log_artifacts(tracked.run_id, str(result.model_dir), "model")
     result.run_id = tracked.run_id
     return result
