@@ -13,6 +13,7 @@ from rich.table import Table
 
 from experiments.config import ConfigError, load_config
 from experiments.runner import run_experiment
+from rl.checkpoint import STOP
 from rl.pipeline import InputError
 from tracking.cost import PriceError
 
@@ -173,13 +174,17 @@ def runs_reconcile(
     print(f"marked {len(killed)} run(s) KILLED" + (": " + ", ".join(killed) if killed else ""))
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: flushed and marked KILLED
+def _request_stop(signum, frame) -> None:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, flush, mark KILLED. A second one stops at once."""
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    STOP.set()
 
 
 def main() -> None:
-    """Entry point: SIGTERM behaves as Ctrl-C; both exit with code 130."""
-    signal.signal(signal.SIGTERM, _terminate)
+    """Entry point: SIGINT and SIGTERM stop a run at the next step boundary; exit code 130."""
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     try:
         app()
     except KeyboardInterrupt:

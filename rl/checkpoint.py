@@ -10,12 +10,23 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from rl.accounting import Meter
+
+STOP = threading.Event()  # set by a signal handler: trainers checkpoint at the next step boundary and stop
+
+
+def stop_if_requested(ckpt_dir: Path | None, phase: str, step: int, *state) -> None:
+    """After a finished step: when a stop was requested, checkpoint (if there is a folder) and raise."""
+    if STOP.is_set():
+        if ckpt_dir:
+            save_checkpoint(ckpt_dir, phase, step, *state)
+        raise KeyboardInterrupt(f"stopped by request after {phase} step {step}")
 
 
 def save_checkpoint(

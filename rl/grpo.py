@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl.accounting import Callback, Meter
-from rl.checkpoint import load_checkpoint, save_checkpoint
+from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rl.generate import Batch, completion_logprobs, sample
 from rl.self_verify import corrupt, verdict_reward, verify_prompt
 from rl.tasks import Task
@@ -247,3 +247,4 @@ def train_grpo(
         callback.on_log(step_offset + step + 1, metrics)
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter)
+        stop_if_requested(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl.accounting import Callback, Meter
-from rl.checkpoint import load_checkpoint, save_checkpoint
+from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
 from rl.grpo import lr_lambda
 from rl.self_verify import sft_examples
@@ -86,6 +86,7 @@ def train_sft(
         callback.on_log(step + 1, metrics | meter.metrics())
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
+        stop_if_requested(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
         if cfg.target_accuracy and accuracy and (step + 1) % cfg.check_every == 0:
             if accuracy() >= cfg.target_accuracy:
                 return step + 1

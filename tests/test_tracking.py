@@ -157,6 +157,10 @@ def test_sigterm_marks_killed_with_compute(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.metrics["compute/flops"] > 0 and run.data.metrics["cost/usd"] > 0
+    from rl.checkpoint import latest_checkpoint
+
+    phase, step, _ = latest_checkpoint(tmp_path / "out" / "checkpoints")  # written on the signal
+    assert phase == "sft" and step >= 1
 
 
 def test_sigkill_then_reconcile_marks_killed_and_keeps_recent_compute(tmp_path):
