@@ -88,14 +88,16 @@ def evaluate(
     scores = _p_yes(model, tokenizer, vprompts, [split_trace(c) for c in checks], cfg, meter)
     verdicts = [s > 0.5 for s in scores]
 
+    answers = [task.answer_text(c) for c in sampled]
     best_ok = []
     for i in range(len(problems)):
         # keep the answer the model itself trusts most: P(yes) summed over the samples that gave it
+        group = range(i * n, (i + 1) * n)
         trust: dict[str, float] = {}
-        for j in range(i * n, (i + 1) * n):
-            trust[task.answer_text(sampled[j])] = trust.get(task.answer_text(sampled[j]), 0.0) + scores[j]
+        for j in group:
+            trust[answers[j]] = trust.get(answers[j], 0.0) + scores[j]
         best = max(trust, key=trust.get)
-        best_ok.append(next(ok[j] for j in range(i * n, (i + 1) * n) if task.answer_text(sampled[j]) == best))
+        best_ok.append(next(ok[j] for j in group if answers[j] == best))
 
     metrics = {
         "eval/accuracy": sum(greedy_ok) / len(problems),

@@ -157,7 +157,7 @@ def train_grpo(
                            generator=generator)
         meter.add("rollout", fm.generation(solve))
         rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
-        correct = [task.is_correct(p, c) for p, c in zip(rows, solve.texts)]
+        correct = (rewards == 1.0).tolist()  # reward is 1 exactly when the verifier accepts the answer
         batches: list[tuple[str, Batch, torch.Tensor, float]] = [
             ("solve", solve, group_advantages(rewards, G, cfg.scale_rewards).to(device), 1.0)
         ]

@@ -92,7 +92,7 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     found = latest_checkpoint(ckpt_dir)
 
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed + step)
+        gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + step)
         metrics, table = evaluate(model, tokenizer, task, problems, cfg.eval, meter, gen)
         model.train()
         return metrics, table

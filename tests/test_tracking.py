@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from experiments.cli import app
 from experiments.config import load_config
 from experiments.runner import run_experiment
+from rl.checkpoint import latest_checkpoint
 from tracking.cost import PriceError, cost_usd, load_prices
-from tracking.run import flatten, tracking_uri
+from tracking.run import experiment_id, flatten, tracking_uri
+from tracking.runs import list_runs, reconcile
 
 SCHEMA = [
     "compute/flops", "compute/flops/sft", "compute/flops/rollout", "compute/flops/verify_rollout",
@@ -68,9 +82,7 @@ def test_finished_run_has_the_whole_schema(tmp_path, recorder, monkeypatch):
     assert {"config.json", "eval_samples.json"} <= files
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
 
-    from typer.testing import CliRunner
 
-    from experiments.cli import app
 
     uri = tracking_uri(None, tmp_path / "mlruns")
     out = CliRunner().invoke(app, ["runs", "list", "--uri", uri, "--experiment", "tracked"])
@@ -124,10 +136,6 @@ def test_secret_looking_params_are_masked():
 
 def _start_training(tmp_path, name: str):
     """A long training subprocess recording to a store under tmp_path; returns it once compute is in the store."""
-    import os
-    import subprocess
-    import sys
-    import time
 
     root = tmp_path / "mlruns"
     cmd = [sys.executable, "-m", "experiments.cli", "train", "experiments/addition.toml",
@@ -149,7 +157,6 @@ def _start_training(tmp_path, name: str):
 
 
 def test_sigterm_marks_killed_with_compute(tmp_path):
-    import signal
 
     proc, client, run_id = _start_training(tmp_path, "sigterm")
     proc.send_signal(signal.SIGTERM)
@@ -157,16 +164,13 @@ def test_sigterm_marks_killed_with_compute(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.metrics["compute/flops"] > 0 and run.data.metrics["cost/usd"] > 0
-    from rl.checkpoint import latest_checkpoint
 
     phase, step, _ = latest_checkpoint(tmp_path / "out" / "checkpoints")  # written on the signal
     assert phase == "sft" and step >= 1
 
 
 def test_sigkill_then_reconcile_marks_killed_and_keeps_recent_compute(tmp_path):
-    import time
 
-    from tracking.runs import list_runs, reconcile
 
     proc, client, run_id = _start_training(tmp_path, "sigkill")
     time.sleep(3)
@@ -205,11 +209,6 @@ def test_resume_continues_the_same_run_without_double_counting(tmp_path, recorde
 
 
 def test_logs_to_an_mlflow_server_over_http(tmp_path, recorder, monkeypatch):
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -238,18 +237,13 @@ def test_logs_to_an_mlflow_server_over_http(tmp_path, recorder, monkeypatch):
         assert run.data.metrics["compute/flops"] > 0 and "eval/accuracy" in run.data.metrics
         assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # nothing went to the embedded store
     finally:
-        import os
-        import signal
 
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
 def test_artifact_location_never_escapes_the_root(tmp_path, monkeypatch):
-    from pathlib import Path
-    from urllib.parse import urlparse
 
-    from tracking.run import experiment_id
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "mlruns"
