@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from typing import Annotated
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from experiments.config import ConfigError, load_config
+from experiments.config import ConfigError, ExperimentConfig, load_config, schema_rows
 from experiments.runner import run_experiment
 from rl.checkpoint import STOP
 from rl.pipeline import InputError
@@ -41,22 +42,28 @@ def fail(message: str, debug: bool = False) -> None:
     raise typer.Exit(2)
 
 
-class ProgressCallback:
-    """Drives a rich progress bar from the trainer's metrics; the bar appears with the first metric."""
+def new_progress() -> Progress:
+    """A rich progress display on stderr: description, bar, m/n, elapsed and time left."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
 
-    def __init__(self, sft_steps: int, rl_steps: int):
+
+class ProgressCallback:
+    """Drives a rich progress bar from the trainer's metrics; the bar appears with the first metric.
+
+    Given a running `progress` (a grid's, a sweep's), it adds its own line there and removes it on close."""
+
+    def __init__(self, sft_steps: int, rl_steps: int, progress: Progress | None = None, label: str = ""):
         self.sft_steps = sft_steps  # SFT may stop early; RL steps are placed after the whole SFT budget
         self.total = sft_steps + rl_steps
-        self.progress: Progress | None = None
+        self.progress, self.owned, self.label, self.task = progress, progress is None, label, None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.progress is None:
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=console,
-            )
+            self.progress = new_progress()
             self.progress.start()
-            self.progress.add_task("", total=self.total)
+        if self.task is None:
+            self.task = self.progress.add_task(self.label, total=self.total)
         if "train/reward_mean" in metrics:
             verify = metrics.get("train/verify_reward_mean", 0.0)
             desc = f"GRPO reward {metrics['train/reward_mean']:.2f} verify {verify:.2f}"
@@ -65,10 +72,12 @@ class ProgressCallback:
         else:
             desc = f"eval accuracy {metrics.get('eval/accuracy', float('nan')):.3f}"
         done = self.sft_steps + metrics["train/rl_step"] if "train/rl_step" in metrics else step
-        self.progress.update(self.progress.task_ids[0], completed=done, description=desc)
+        self.progress.update(self.task, completed=done, description=f"{self.label} {desc}".strip())
 
     def close(self) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None and not self.owned:
+            self.progress.remove_task(self.task)
+        if self.progress is not None and self.owned:
             self.progress.stop()
 
 
@@ -107,6 +116,174 @@ def train(
     print(f"model saved to {result.model_dir}")
     if result.run_id:
         print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
+
+
+config_app = typer.Typer(help="Experiment configs: show one resolved, print the schema.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[str, typer.Argument(help="Experiment TOML file.")], set_: SetOpt = None, debug: DebugOpt = False
+) -> None:
+    """Print the resolved config (file + --set overrides + defaults) as JSON, after validating it.
+
+    Examples:
+      rlscale config show experiments/addition.toml
+      rlscale config show experiments/addition.toml --set grpo.steps=100
+    """
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as e:
+        fail(str(e), debug)
+        return
+    print(cfg.model_dump_json(indent=2))
+
+
+@config_app.command("schema")
+def config_schema(as_json: Annotated[bool, typer.Option("--json", help="JSON Schema instead of a table.")] = False
+                  ) -> None:
+    """Print every config field with its type, default and description.
+
+    Examples:
+      rlscale config schema
+      rlscale config schema --json > schema.json
+    """
+    if as_json:
+        print(json.dumps(ExperimentConfig.model_json_schema(), indent=2))
+        return
+    table = Table(title="experiment config (TOML keys)")
+    for col in ("key", "type", "default", "description"):
+        table.add_column(col, overflow="fold")
+    for row in schema_rows():
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+def sweep(
+    config: Annotated[str, typer.Argument(help="Experiment TOML file with a [sweep] table.")],
+    trials: Annotated[int | None, typer.Option(help="Trials complete or pruned in the study (default: sweep.trials).",
+                                               min=1)] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the study.", min=1)] = 1,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: journal file path or RDB URL.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: sweep.study or '<name>-sweep').")] = None,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run an Optuna sweep: each trial a child MLflow run under one parent run; re-running resumes it.
+
+    Examples:
+      rlscale sweep experiments/sweep_grpo.toml --trials 8
+      rlscale sweep experiments/sweep_grpo.toml --trials 16 --workers 2
+      rlscale sweep experiments/sweep_grpo.toml --storage postgresql://user@127.0.0.1/optuna --study grpo-lr
+      optuna-dashboard mlruns/optuna.log        # browse the study (pip install optuna-dashboard)
+    """
+    from experiments.sweep import run_sweep
+
+    try:
+        load_config(config, set_)
+        with new_progress() as progress:
+            task = progress.add_task("sweep trials", total=trials)
+
+            def on_trial(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            def bar(cfg):
+                return ProgressCallback(cfg.sft.steps, cfg.grpo.steps, progress, "  trial")
+
+            result = run_sweep(config, set_ or [], trials, workers, storage, study, bar if workers == 1 else None,
+                               on_trial)
+    except (ConfigError, InputError, PriceError, ValueError) as e:
+        fail(str(e), debug)
+        return
+    table = Table(title=f"study {result.study_name}")
+    for col in ("trial", "state", "value", "params"):
+        table.add_column(col)
+    for t in result.get_trials(deepcopy=False):
+        table.add_row(str(t.number), t.state.name, "" if t.value is None else f"{t.value:.4f}",
+                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()))
+    Console().print(table)
+    complete = [t for t in result.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if complete:
+        print(f"best trial {result.best_trial.number}: {result.best_value:.4f} {result.best_params}")
+
+
+@app.command()
+def grid(
+    config: Annotated[str, typer.Argument(help="Experiment TOML file with a [grid] table.")],
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run every point of a scaling grid, skipping points already finished in the store.
+
+    Examples:
+      rlscale grid experiments/scaling_grid.toml
+      rlscale grid experiments/scaling_grid.toml --set grid.axes.seed=[0,1,2]
+    """
+    from experiments.grid import finished_ids, grid_points, run_point
+
+    try:
+        points = grid_points(config, set_ or [])
+        done = finished_ids(points[0].cfg)
+        failed = []
+        with new_progress() as progress:
+            task = progress.add_task("grid runs", total=len(points))
+            for point in points:
+                if point.id in done:
+                    progress.advance(task)
+                    continue
+                label = "  " + " ".join(f"{k}={v}" for k, v in point.values.items())
+                bar = ProgressCallback(point.cfg.sft.steps, point.cfg.grpo.steps, progress, label)
+                try:
+                    run_point(point, bar)
+                except (InputError, PriceError):
+                    raise
+                except Exception as e:  # a failed point is recorded FAILED; the grid goes on
+                    failed.append(f"{label.strip()}: {type(e).__name__}: {e}")
+                finally:
+                    bar.close()
+                progress.advance(task)
+    except (ConfigError, InputError, PriceError, ValueError) as e:
+        fail(str(e), debug)
+        return
+    skipped = sum(p.id in done for p in points)
+    print(f"grid: {len(points)} points, {skipped} already finished, {len(points) - skipped - len(failed)} run now, "
+          f"{len(failed)} failed")
+    for line in failed:
+        print(f"  failed: {line}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",
+    uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                            "mlruns/).")] = None,
+) -> None:
+    """Start the MLflow UI on the store and print its URL (binds to 127.0.0.1 unless told otherwise).
+
+    Examples:
+      rlscale ui
+      rlscale ui --port 5001
+    """
+    import subprocess
+
+    from tracking.run import tracking_uri
+
+    store = tracking_uri(uri)
+    print(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", store, "--workers", "1"]
+    proc = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 runs_app = typer.Typer(help="Runs in the store: list, reconcile.", no_args_is_help=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rl.pipeline import PipelineConfig
 
@@ -26,6 +27,55 @@ class TrackingConfig(BaseModel):
     phase: str = Field("rl", description="Phase tag: sft, rl, eval, sweep-trial, ablation, final, ...")
     flush_seconds: float = Field(10.0, gt=0.0, le=30.0, description="Longest wait before metrics are sent.")
     log_model: bool = Field(False, description="Log the final model (safetensors) as an artifact of the run.")
+    log_checkpoints: bool = Field(False, description="Log the latest resumable checkpoint as an artifact at the end.")
+    system_metrics: bool = Field(False, description="MLflow system metrics (CPU, memory, disk, GPU use) every 10 s.")
+
+
+class SearchDim(BaseModel):
+    """One dimension of a sweep's search space."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"] = Field("float", description="Kind of values sampled.")
+    low: float | None = Field(None, description="Smallest value (float, int).")
+    high: float | None = Field(None, description="Largest value (float, int).")
+    log: bool = Field(False, description="Sample on a log scale (float, int).")
+    step: float | None = Field(None, gt=0, description="Spacing of the values (float, int; not with log).")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values (categorical).")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDim:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs choices")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high")
+        elif self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("a log dimension needs low > 0 and no step")
+        return self
+
+
+class SweepConfig(BaseModel):
+    """An Optuna study over config fields: its space, objective, sampler, pruner and storage."""
+
+    model_config = ConfigDict(extra="forbid")
+    trials: int = Field(8, ge=1, description="Trials in the study (complete or pruned); --trials overrides.")
+    metric: str = Field("eval/accuracy", description="Objective: a metric of the run's final eval.")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="Optimisation direction.")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    sampler_seed: int = Field(0, description="Sampler seed (a 1-worker sweep is then reproducible).")
+    pruner: Literal["median", "none"] = Field("median", description="Prune on intermediate evals (grpo.eval_every).")
+    pruner_startup_trials: int = Field(2, ge=0, description="Trials completed before any pruning.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
+    storage: str | None = Field(None, description="Optuna storage URL (default: journal file <root>/optuna.log).")
+    study: str | None = Field(None, description="Study name (default: '<name>-sweep').")
+    space: dict[str, SearchDim] = Field(default_factory=dict, description="Config field -> search dimension.")
+
+
+class GridConfig(BaseModel):
+    """A cartesian grid of runs over config fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="Config field -> the values it takes.")
 
 
 class ExperimentConfig(PipelineConfig):
@@ -33,6 +83,8 @@ class ExperimentConfig(PipelineConfig):
 
     name: str = Field("rlscale", min_length=1, max_length=200, description="Experiment name (MLflow experiment).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    sweep: SweepConfig | None = Field(None, description="Optuna sweep (`rlscale sweep`).")
+    grid: GridConfig | None = Field(None, description="Scaling grid (`rlscale grid`).")
 
 
 def parse_value(text: str) -> Any:
@@ -43,21 +95,26 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_value(data: dict, key: str, value: Any, where: str) -> None:
+    """Set the field `a.b.c` of a nested dict."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{where}: empty key in {key!r}")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {p} is not a table")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one `key.sub=value` to a nested dict."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, _, text = assignment.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key")
-    node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {p} is not a table")
-        node = child
-    node[parts[-1]] = parse_value(text.strip())
+    set_value(data, key, parse_value(text.strip()), f"--set {assignment!r}")
 
 
 def _describe(err: ValidationError, where: str) -> str:
@@ -77,8 +134,11 @@ def _describe(err: ValidationError, where: str) -> str:
     return f"{where}: {key}: {msg}{more}"
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate a config; any problem is a one-line ConfigError."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Read, override (`--set` strings, then typed `values`) and validate a config; any problem is a one-line
+    ConfigError. The fields a sweep or grid varies are checked too, with each of their values."""
     data: dict = {}
     where = str(path) if path else "defaults"
     if path is not None:
@@ -91,9 +151,68 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{where}: not valid TOML: {e}") from None
     for o in overrides or []:
         apply_override(data, o)
+    for k, v in (values or {}).items():
+        set_value(data, k, v, where)
+    cfg = _validate(data, where)
+    varied: dict[str, list[Any]] = dict(cfg.grid.axes) if cfg.grid else {}
+    for k, dim in (cfg.sweep.space if cfg.sweep else {}).items():
+        varied[k] = dim.choices if dim.type == "categorical" else [_cast(dim.type, dim.low), _cast(dim.type, dim.high)]
+    for key, options in varied.items():
+        if key.split(".")[0] in ("sweep", "grid", "name", "tracking"):
+            raise ConfigError(f"{where}: {key}: a sweep or grid cannot vary this field")
+        if not options:
+            raise ConfigError(f"{where}: grid.axes.{key}: no values")
+        for option in options:
+            trial = copy.deepcopy(data)
+            set_value(trial, key, option, where)
+            _validate(trial, f"{where} ({key} = {option!r})")
+    return cfg
+
+
+def _cast(kind: str, x: float | None) -> Any:
+    return int(x) if kind == "int" and x is not None else x
+
+
+def _validate(data: dict, where: str) -> ExperimentConfig:
     if isinstance(data.get("task"), dict):
         data["task"].setdefault("name", "arithmetic")  # the default task, as when [task] is absent
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, where)) from None
+
+
+def schema_rows(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every field, nested tables expanded (each task's own fields)."""
+    import types
+    import typing
+
+    from pydantic_core import PydanticUndefined
+
+    model = model or ExperimentConfig
+    rows = []
+    for name, f in model.model_fields.items():
+        key, ann = prefix + name, f.annotation
+        if typing.get_origin(ann) is dict and issubclass(typing.get_args(ann)[1], BaseModel):
+            rows.append((key, "table of tables", "{}", f.description or ""))
+            rows += schema_rows(typing.get_args(ann)[1], key + ".<field>.")
+            continue
+        args = typing.get_args(ann) if isinstance(ann, types.UnionType) or typing.get_origin(ann) else ()
+        subs = [a for a in (args or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if subs:
+            for sub in subs:
+                tag = sub.model_fields.get("name")
+                label = f"{key}" + (f" (name = {tag.default!r})" if tag is not None and len(subs) > 1 else "")
+                rows.append((label, "table", "", f.description or ""))
+                rows += schema_rows(sub, key + ".")
+            continue
+        if f.default_factory is not None:
+            default = repr(f.default_factory())
+        else:
+            default = "" if f.default is PydanticUndefined else repr(f.default)
+        if typing.get_origin(ann) is Literal:
+            type_name = " | ".join(repr(a) for a in typing.get_args(ann))
+        else:
+            type_name = str(ann).replace("typing.", "") if typing.get_args(ann) else getattr(ann, "__name__", str(ann))
+        rows.append((key, type_name, default, f.description or ""))
+    return rows

@@ -28,8 +28,20 @@ class Fanout:
             cb.on_log(step, metrics)
 
 
-def run_experiment(cfg: ExperimentConfig, progress: Callback, resume: bool = True) -> RunResult:
-    """Train `cfg`; with tracking on, the run, its metrics, cost and fate go to MLflow."""
+def run_experiment(
+    cfg: ExperimentConfig,
+    progress: Callback,
+    resume: bool = True,
+    *,
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    pruned_on: tuple[type[BaseException], ...] = (),
+    run_name: str | None = None,
+) -> RunResult:
+    """Train `cfg`; with tracking on, the run, its metrics, cost and fate go to MLflow.
+
+    `tags` and `params` are added to the run's own (a sweep trial's parent and trial number, grid coordinates);
+    an exception of a `pruned_on` type marks the run pruned."""
     check_inputs(cfg)  # bad input stops here, before a run exists in the store
     if not cfg.tracking.enabled:
         return run_pipeline(cfg, progress, resume=resume)
@@ -41,20 +53,28 @@ def run_experiment(cfg: ExperimentConfig, progress: Callback, resume: bool = Tru
         "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
         "device.type": device.type, "device.count": str(torch.get_num_threads() if device.type == "cpu" else 1),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
-    }
+    } | (tags or {})
     client = MlflowClient(tracking_uri(cfg.tracking.uri, root))
-    run_name = f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
+    run_name = run_name or f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
     # a run resumed from a checkpoint continues the MLflow run that wrote it (no step is counted twice)
     id_file = Path(cfg.output_dir) / "mlflow_run_id"
     resume_id = id_file.read_text().strip() if resume and id_file.is_file() else None
     if resume_id and latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None:
         resume_id = None
-    with TrackedRun(client, cfg.name, run_name, tags, flatten(cfg.model_dump()), device_key(device.type, gpu_name),
-                    prices, cfg.tracking.flush_seconds, root, resume_run_id=resume_id) as tracked:
+    run_params = flatten(cfg.model_dump(exclude={"sweep", "grid"})) | (params or {})
+    with TrackedRun(client, cfg.name, run_name, tags, run_params, device_key(device.type, gpu_name),
+                    prices, cfg.tracking.flush_seconds, root, resume_run_id=resume_id,
+                    gpus=[device.index or 0] if device.type == "cuda" else [],
+                    system_metrics=cfg.tracking.system_metrics, pruned_on=pruned_on) as tracked:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracked.run_id)
-        client.log_dict(tracked.run_id, cfg.model_dump(), "config.json")
-        result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
+        client.log_dict(tracked.run_id, cfg.model_dump(exclude={"sweep", "grid"}), "config.json")
+        try:
+            result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
+        finally:  # a failed or killed run's checkpoint is what a resume needs: keep it with the run
+            ckpt = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+            if cfg.tracking.log_checkpoints and ckpt is not None:
+                client.log_artifacts(tracked.run_id, str(ckpt[2]), f"checkpoints/{ckpt[2].name}")
         client.set_tag(tracked.run_id, "model.params", str(result.n_params))
         client.log_dict(tracked.run_id, {"rows": result.eval_table}, "eval_samples.json")
         if cfg.tracking.log_model and result.model_dir:

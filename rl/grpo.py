@@ -18,8 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl.accounting import Callback, Meter
 from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
-from rl.generate import Batch, completion_logprobs, sample
-from rl.self_verify import corrupt, verdict_reward, verify_prompt
+from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rl.self_verify import NO, YES, corrupt, verdict_reward, verify_prompt
 from rl.tasks import Task
 
 
@@ -48,6 +48,9 @@ class GRPOConfig(BaseModel):
     self_verify: bool = Field(True, description="Also train the model to verify its own answers.")
     verify_coef: float = Field(0.5, ge=0.0, description="Weight of the verification loss next to the solving loss.")
     verify_max_new_tokens: int = Field(32, ge=1, description="Longest check-and-verdict sampled.")
+    verify_sft_coef: float = Field(
+        0.0, ge=0.0, description="Weight of a supervised loss on the program's check of the shown answers (0: off)."
+    )
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
@@ -185,6 +188,10 @@ def train_grpo(
                             cfg.verify_coef))
             meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),
                         tokens_generated=int(verify.completion_mask.sum()))
+            if cfg.verify_sft_coef > 0:  # the program's own check of the same answers, for teacher forcing
+                targets = [f"{task.check_trace(p, c)} {YES if ok else NO}" for p, c, ok in zip(rows, shown, truth)]
+                check = Batch(*encode_prompts(tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
+                                              device), *encode_completions(tokenizer, targets, device), targets)
 
         # 3. log-probs of the sampling policy (only needed when mu > 1) and of the reference (only when beta > 0)
         old, ref = {}, {}
@@ -200,7 +207,7 @@ def train_grpo(
                         ref[name] = completion_logprobs(ref_model, b, cfg.temperature)[0]
                     meter.add("reference", fm.sequences(rows_, length))
 
-        # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify
+        # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify + verify_sft_coef * L_check
         metrics: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             with meter.phase("policy"):
@@ -218,6 +225,14 @@ def train_grpo(
                     metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
                     meter.add("policy", fm.sequences(*b.input_ids.shape, train=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
+                if cfg.self_verify and cfg.verify_sft_coef > 0:
+                    logp, _ = completion_logprobs(model, check)
+                    cmask = check.completion_mask.float()
+                    nll = -(logp * cmask).sum() / cmask.sum().clamp(min=1)  # L_check = -log p(program's check)
+                    total = total + cfg.verify_sft_coef * nll
+                    metrics["train/verify_sft_loss"] = nll.item()
+                    meter.add("policy", fm.sequences(*check.input_ids.shape, train=True))
+                    meter.count(tokens_trained=int(check.completion_mask.sum()))
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -252,3 +252,47 @@ def test_artifact_location_never_escapes_the_root(tmp_path, monkeypatch):
         exp = client.get_experiment(experiment_id(client, name, root))
         location = Path(urlparse(exp.artifact_location).path).resolve()
         assert location.is_relative_to((root / "artifacts").resolve()), (name, location)
+
+
+def test_system_metrics_checkpoint_artifacts_and_no_fake_energy(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = _cfg(tmp_path, "tracking.system_metrics=true", "tracking.log_checkpoints=true",
+               "grpo.checkpoint_every=1", "grpo.steps=4")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_experiment(cfg, Boom(at=7, exc=RuntimeError("injected")))  # fails during RL, after a checkpoint
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    assert "energy/gpu_kwh" not in run.data.metrics  # CPU run: skipped, not faked
+    (ckpt,) = client.list_artifacts(run.info.run_id, "checkpoints")
+    files = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(run.info.run_id, ckpt.path)}
+    assert files == {"model.safetensors", "state.pt"}
+
+
+def test_gpu_energy_from_nvml_counters(monkeypatch):
+    import types
+
+    from tracking.energy import GpuEnergy
+
+    counters = {0: 1_000.0, 1: 5_000.0}  # mJ
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: counters[h],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    energy = GpuEnergy([0, 1])
+    assert energy.available and energy.kwh() == 0.0
+    counters[0] += 1.8e9
+    counters[1] += 1.8e9
+    assert energy.kwh() == pytest.approx(1.0)  # 3.6e9 mJ = 1 kWh
+    assert GpuEnergy([]).kwh() is None
+
+    def broken():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=broken))
+    assert not GpuEnergy([0]).available and GpuEnergy([0]).kwh() is None

@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from tracking.cost import cost_usd, load_prices
+from tracking.energy import GpuEnergy
 
 DEFAULT_ROOT = Path("mlruns")
 SECRET_WORDS = ("token", "password", "secret", "key")
@@ -68,13 +69,19 @@ class TrackedRun:
     """A trainer callback that writes to one MLflow run; use as a context manager to record its fate.
 
     Metrics are buffered and sent with `log_batch` at most every `flush_seconds` (and at the end), together
-    with `cost/usd` (from `compute/device_seconds` and the price table) and a `heartbeat` timestamp."""
+    with `cost/usd` (from `compute/device_seconds` and the price table), a `heartbeat` timestamp and, where
+    NVML reads the GPUs in `gpus`, cumulative `energy/gpu_kwh`. `system_metrics` starts MLflow's own
+    sampler of CPU, memory, disk, network and GPU use (`system/*`). An exception of a `pruned_on` type (an
+    Optuna trial pruned) ends the run KILLED with the tag `pruned=true`."""
 
     def __init__(self, client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str],
                  params: dict[str, str], device: str, prices: dict[str, float] | None = None,
-                 flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None):
+                 flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None,
+                 gpus: list[int] | None = None, system_metrics: bool = False,
+                 pruned_on: tuple[type[BaseException], ...] = ()):
         self.client = client
         self.device = device
+        self.pruned_on = pruned_on  # exceptions that mean "stopped early on purpose": KILLED, tagged pruned
         self.prices = prices or load_prices()
         self.flush_seconds = flush_seconds
         commit, dirty = git_info()
@@ -93,12 +100,25 @@ class TrackedRun:
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self.last: dict[str, float] = {}
+        self.energy = GpuEnergy(gpus or [])
+        self._energy_before = 0.0  # energy of the run's earlier attempts, when resumed
+        if resume_run_id and self.energy.available:
+            self._energy_before = client.get_run(resume_run_id).data.metrics.get("energy/gpu_kwh", 0.0)
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=bool(resume_run_id),
+                                                tracking_uri=client.tracking_uri)
+            self.monitor.start()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         if "compute/device_seconds" in metrics:
             metrics = metrics | {"cost/usd": cost_usd(metrics["compute/device_seconds"], self.device, self.prices)}
         metrics = metrics | {"heartbeat": now / 1000.0}
+        if (kwh := self.energy.kwh()) is not None:
+            metrics["energy/gpu_kwh"] = self._energy_before + kwh
         self.last |= metrics
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # NaN dropped
         if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -115,11 +135,16 @@ class TrackedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.monitor is not None:
+            self.monitor.finish()
         self.flush()
         if exc_type is None:
             status = RunStatus.to_string(RunStatus.FINISHED)
         elif issubclass(exc_type, KeyboardInterrupt):
             status = RunStatus.to_string(RunStatus.KILLED)
+        elif self.pruned_on and issubclass(exc_type, self.pruned_on):
+            status = RunStatus.to_string(RunStatus.KILLED)
+            self.client.set_tag(self.run_id, "pruned", "true")
         else:
             status = RunStatus.to_string(RunStatus.FAILED)
             self.client.log_batch(self.run_id, tags=[RunTag("error.class", exc_type.__name__),

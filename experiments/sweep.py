@@ -1,0 +1,201 @@
+"""Optuna sweeps: each trial is a child MLflow run under one parent run of the sweep.
+
+The study lives in Optuna storage (default: a journal file under the tracking root, safe for several
+processes on one machine; any RDB URL works), so re-running a sweep resumes it and K worker processes can
+share it. A pruned trial is still a run with its compute: it cost money.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from experiments.config import ExperimentConfig, SearchDim, load_config
+from experiments.runner import run_experiment
+from tracking.run import experiment_id, tracking_uri
+
+PARENT_ATTR = "mlflow_parent_run_id"
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass
+class SweepSpec:
+    """What a worker process needs to rebuild the study and the trial configs."""
+
+    config: str
+    overrides: list[str]
+    storage: str
+    study: str
+    trials: int
+
+
+def storage_url(cfg: ExperimentConfig) -> str:
+    """The study's storage: `sweep.storage`, else a journal file `<tracking.root>/optuna.log`."""
+    assert cfg.sweep is not None
+    if cfg.sweep.storage:
+        return cfg.sweep.storage
+    root = Path(cfg.tracking.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root / "optuna.log")
+
+
+def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) -> optuna.Study:
+    """Create or load the study (sampler seeded, worker k gets seed + k; median pruner unless 'none')."""
+    sw = cfg.sweep
+    assert sw is not None
+    seed = sw.sampler_seed + worker
+    sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
+    pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps)
+              if sw.pruner == "median" else optuna.pruners.NopPruner())
+    if "://" in storage:
+        store: Any = storage
+    else:
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        store = optuna.storages.JournalStorage(JournalFileBackend(storage, JournalFileOpenLock(storage)))
+    return optuna.create_study(storage=store, sampler=sampler, pruner=pruner, study_name=name,
+                               direction=sw.direction, load_if_exists=True)
+
+
+def suggest(trial: optuna.Trial, key: str, dim: SearchDim) -> Any:
+    """One sampled value of a search dimension."""
+    if dim.type == "categorical":
+        return trial.suggest_categorical(key, dim.choices)
+    if dim.type == "int":
+        return trial.suggest_int(key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+    return trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+class Reporter:
+    """Reports the objective of each quick eval during RL to Optuna and prunes when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, progress=None):
+        self.trial, self.metric, self.progress = trial, metric, progress
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress.on_log(step, metrics)
+        if self.metric in metrics and "train/rl_step" in metrics:  # an intermediate eval, not the final one
+            self.trial.report(metrics[self.metric], step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}")
+
+
+def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
+    """The objective of the study: one tracked training run per trial, returning its final metric."""
+
+    def run_trial(trial: optuna.Trial) -> float:
+        base = load_config(spec.config, spec.overrides)
+        assert base.sweep is not None
+        values = {k: suggest(trial, k, dim) for k, dim in base.sweep.space.items()}
+        cfg = load_config(spec.config, spec.overrides, values | {
+            "tracking.phase": "sweep-trial", "output_dir": f"{base.output_dir}/{spec.study}/trial-{trial.number}",
+        })
+        tags = {"mlflow.parentRunId": parent_id, "optuna.study": spec.study, "optuna.trial": str(trial.number)}
+        params = {"trial.number": str(trial.number)} | {f"trial.{k}": str(v) for k, v in values.items()}
+        progress = progress_factory(cfg) if progress_factory else None
+        try:
+            result = run_experiment(cfg, Reporter(trial, base.sweep.metric, progress), resume=False, tags=tags,
+                                    params=params, pruned_on=(optuna.TrialPruned,),
+                                    run_name=f"trial-{trial.number}")
+        finally:
+            if progress is not None:
+                progress.close()
+        if base.sweep.metric not in result.metrics:
+            raise KeyError(f"the run has no metric {base.sweep.metric!r}")
+        return result.metrics[base.sweep.metric]
+
+    return run_trial
+
+
+def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int) -> None:
+    cfg = load_config(spec.config, spec.overrides)
+    study = open_study(cfg, spec.storage, spec.study, worker)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective(spec, parent_id), n_trials=n_trials, catch=(Exception,))
+
+
+def parent_run(client: MlflowClient, cfg: ExperimentConfig, study: optuna.Study) -> str:
+    """The sweep's parent run: created with the study, reopened (RUNNING) when the sweep is resumed."""
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    assert cfg.sweep is not None
+    tags = {"phase": "sweep", "optuna.study": study.study_name, "project": cfg.name,
+            "sweep.metric": cfg.sweep.metric, "sweep.direction": cfg.sweep.direction}
+    run = client.create_run(experiment_id(client, cfg.name, Path(cfg.tracking.root)), tags=tags,
+                            run_name=study.study_name)
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def finish_parent(client: MlflowClient, run_id: str, study: optuna.Study, metric: str, status: str) -> None:
+    """Best value and params of the study on the parent run (tags, since they change as a study grows)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"sweep/trials_{k}", float(v), now, 0) for k, v in counts.items() if v]
+    tags = []
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        best = study.best_trial
+        metrics.append(Metric(f"best/{metric}", float(best.value), now, 0))
+        tags = [RunTag("best.trial", str(best.number))] + [RunTag(f"best.{k}", str(v)) for k, v in best.params.items()]
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run_id, status)
+
+
+def run_sweep(config: str, overrides: list[str], trials: int | None = None, workers: int = 1,
+              storage: str | None = None, study_name: str | None = None, progress_factory=None,
+              on_trial=None) -> optuna.Study:
+    """Run (or resume) a sweep until `trials` trials are complete or pruned; returns the study.
+
+    With `workers` > 1, that many processes share the study; `on_trial(done, total)` is called as trials end."""
+    cfg = load_config(config, overrides)
+    if cfg.sweep is None or not cfg.sweep.space:
+        raise ValueError(f"{config}: no [sweep] with a search space (sweep.space)")
+    total = trials or cfg.sweep.trials
+    spec = SweepSpec(config, list(overrides), storage or storage_url(cfg), study_name or cfg.sweep.study
+                     or f"{cfg.name}-sweep", total)
+    study = open_study(cfg, spec.storage, spec.study)
+    client = MlflowClient(tracking_uri(cfg.tracking.uri, Path(cfg.tracking.root)))
+    parent_id = parent_run(client, cfg, study)
+    done = len(study.get_trials(deepcopy=False, states=DONE))
+    remaining = max(0, total - done)
+    shares = [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]
+
+    def report(*_) -> None:
+        if on_trial:
+            on_trial(len(study.get_trials(deepcopy=False, states=DONE)), total)
+
+    status = "FINISHED"
+    try:
+        report()
+        if workers == 1:
+            study.optimize(objective(spec, parent_id, progress_factory), n_trials=remaining, catch=(Exception,),
+                           callbacks=[report])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i), daemon=True)
+                     for i, n in enumerate(shares) if n]
+            for p in procs:
+                p.start()
+            while any(p.is_alive() for p in procs):
+                report()
+                time.sleep(1.0)
+            for p in procs:
+                p.join()
+            report()
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        raise
+    finally:
+        finish_parent(client, parent_id, study, cfg.sweep.metric, status)
+    return study
