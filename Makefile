@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-demo: venv
-	$(BIN)/rlscale train experiments/addition.toml
+# The main job: a scaling grid and a sweep (each skips what the store already has), one final run, the report.
+demo: venv outputs/demo/final/final
+	$(BIN)/rlscale report --experiment demo --out outputs/demo/report
+
+outputs/demo/final/final:
+	$(BIN)/rlscale grid experiments/demo.toml
+	$(BIN)/rlscale sweep experiments/demo.toml
+	$(BIN)/rlscale train experiments/demo.toml --set tracking.phase=final --set output_dir=outputs/demo/final
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -284,6 +285,139 @@ def ui(
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _load_runs_or_empty(uri: str | None, experiments: list[str] | None):
+    """Runs of the store; none (not an error) when the default embedded store was never created."""
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis.runs import CORE_COLUMNS, load_runs
+
+    if uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlruns/mlflow.db").is_file():
+        if experiments:
+            raise ValueError(f"no store at mlruns/mlflow.db, so no experiment named {experiments[0]!r}")
+        return pd.DataFrame(columns=CORE_COLUMNS)
+    return load_runs(uri, experiments)
+
+
+FinalOpt = Annotated[str | None, typer.Option("--final", help="Run id of the final run (default: the run tagged "
+                                              "phase=final).")]
+LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger TOML of costs that are no run.")]
+
+
+@app.command()
+def cost(
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", help="Experiment name (repeatable; "
+                                                         "default: all).")] = None,
+    ledger: LedgerOpt = None,
+    final: FinalOpt = None,
+    uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                            "mlruns/).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Full project cost: every run (finished, failed, killed, pruned) plus a ledger of costs that are no run.
+
+    Examples:
+      rlscale cost
+      rlscale cost --experiment addition --ledger ledger.toml --json
+      rlscale cost --ledger ledger.toml --final 3f2a...   # the final run chosen by id
+    """
+    from analysis.cost import cost_table, load_ledger, project_cost
+
+    try:
+        runs = _load_runs_or_empty(uri, experiment)
+        result = project_cost(runs, load_ledger(ledger) if ledger else None, final)
+    except ValueError as e:
+        fail(str(e), debug)
+        return
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title="project cost")
+    for col in ("category", "usd", "share %", "device-hours"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    for r in cost_table(result).itertuples():
+        table.add_row(r.category, f"{r.usd:,.2f}", f"{r.share_pct:.1f}", f"{r.gpu_hours:,.2f}")
+    Console().print(table)
+    ratio = result["ratio_total_to_final"]
+    print(f"total ${result['total_usd']:,.2f}; final run "
+          + ("none tagged phase=final" if result["final_run_usd"] is None else f"${result['final_run_usd']:,.2f}")
+          + ("" if ratio is None else f"; total / final = {ratio:.1f}x"))
+    print("runs: " + ", ".join(f"{v} {k}" for k, v in result["runs"].items() if v))
+
+
+@app.command()
+def fit(
+    csv: Annotated[str, typer.Option("--csv", help="CSV file with one row per run or point.")],
+    x: Annotated[str, typer.Option("--x", help="Column of x (compute, data, model size...).")],
+    y: Annotated[str, typer.Option("--y", help="Column of y (score or loss).")],
+    form: Annotated[str, typer.Option("--form", help="power, saturating, loss, sigmoid or chinchilla.")],
+    x2: Annotated[str | None, typer.Option("--x2", help="Second variable (tokens D) for chinchilla.")] = None,
+    exclude_below: Annotated[float | None, typer.Option("--exclude-below", help="Drop points with x below this.")
+                             ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit a scaling form to a CSV from anywhere: parameters, 95% bootstrap intervals and fit quality.
+
+    Examples:
+      rlscale fit --csv runs.csv --x compute/flops --y eval/accuracy --form saturating
+      rlscale fit --csv chinchilla.csv --x N --x2 D --y loss --form chinchilla --json
+    """
+    from analysis.fits import FORMS, fit_csv
+
+    if form not in FORMS:
+        fail(f"--form {form!r}: choose one of {', '.join(FORMS)}", debug)
+    try:
+        result = fit_csv(csv, x, y, form, x2, exclude_below)
+    except (ValueError, OSError) as e:
+        fail(str(e), debug)
+        return
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{form} fit of {y} on {x}" + (f" and {x2}" if x2 else ""))
+    for col in ("param", "estimate", "95% low", "95% high"):
+        table.add_column(col, justify="left" if col == "param" else "right")
+    for k, v in result.params.items():
+        lo, hi = result.ci.get(k, (float("nan"), float("nan")))
+        table.add_row(k, f"{v:.6g}", f"{lo:.6g}", f"{hi:.6g}")
+    Console().print(table)
+    print(f"r2 {result.r2:.4f}, rmse {result.rmse:.4g}, {result.n} points"
+          + (f" ({result.n_excluded} excluded below {exclude_below:g})" if result.n_excluded else ""))
+
+
+@app.command()
+def report(
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", help="Experiment name (repeatable; "
+                                                         "default: all).")] = None,
+    ledger: LedgerOpt = None,
+    final: FinalOpt = None,
+    out: Annotated[str, typer.Option("--out", help="Folder the report is written to.")] = "outputs/report",
+    uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                            "mlruns/).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the cost and scaling report (HTML + Markdown with plots, CSV, JSON) and log it to MLflow.
+
+    Examples:
+      rlscale report
+      rlscale report --experiment demo --ledger ledger.toml --out outputs/report
+    """
+    from analysis.report import build_report
+
+    try:
+        result = build_report(uri, experiment, ledger, final, out)
+    except (ValueError, OSError) as e:
+        fail(str(e), debug)
+        return
+    print(f"report: {Path(result.html).resolve()}")
+    print(f"        {Path(result.markdown).resolve()}")
+    print("browse the runs: rlscale ui   (then open http://127.0.0.1:5000)")
 
 
 runs_app = typer.Typer(help="Runs in the store: list, reconcile.", no_args_is_help=True)

@@ -21,6 +21,17 @@ class Recorder:
         return [m[key] for _, m in self.logs if key in m]
 
 
+class Boom:
+    """A callback that raises at a given step, after metrics have been produced."""
+
+    def __init__(self, at: int, exc: BaseException):
+        self.at, self.exc = at, exc
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.at:
+            raise self.exc
+
+
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from conftest import Boom
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -43,17 +44,6 @@ def _cfg(tmp_path, *extra):
         "eval.verify_max_new_tokens=12", f"output_dir={tmp_path / 'out'}", f"tracking.root={tmp_path / 'mlruns'}",
         *extra,
     ])
-
-
-class Boom:
-    """A callback that raises at a given step, after metrics have been produced."""
-
-    def __init__(self, at: int, exc: BaseException):
-        self.at, self.exc = at, exc
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        if step >= self.at:
-            raise self.exc
 
 
 def _client(tmp_path) -> MlflowClient:

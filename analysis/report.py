@@ -1,0 +1,459 @@
+"""The project report: what it cost (runs of every fate plus a ledger) and how score scales with compute.
+
+`build_report` writes into one folder: report.html (self-contained, plots embedded as PNG data URIs),
+report.md (plots as plots/*.png), runs.csv, cost.json and fits.json, and logs them as the artifacts of a run
+tagged phase=report in the experiment "reports". Report runs and sweep parents never enter costs or fits; failed,
+killed and pruned runs count in the cost, and only finished runs with a score and compute enter the score fits.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from analysis.cost import CATEGORIES, load_ledger, project_cost, spend_over_time
+from analysis.fits import FORMS, Fit, compare_forms, fit
+from analysis.runs import FATES, load_runs
+from tracking.run import experiment_id, tracking_uri
+
+SCORE, COMPUTE = "eval/accuracy", "compute/flops"
+DATA_VOLUME = {"data/samples": "sampled completions", "data/tokens/generated": "generated tokens"}
+SCORE_FORMS = ("saturating", "sigmoid", "power")
+LAWS = {"saturating": "accuracy = E - A C^-alpha", "sigmoid": "accuracy = R0 + (A - R0) / (1 + (C_mid / C)^B)",
+        "power": "accuracy = a C^b"}
+REPORT_EXPERIMENT = "reports"
+UNFITTED_PHASES = ("report", "sweep")  # report runs and sweep parents: no training of their own
+HORIZON = 10.0  # the extrapolation reaches this multiple of the largest run's compute
+HELD_OUT = 0.25  # share of the distinct compute values held out above the extrapolation cut
+PLOTS = {
+    "score_vs_compute": "Score vs compute, with the fitted laws extrapolated to 10x the largest run",
+    "score_vs_data": "Score vs RL data volume",
+    "cost_breakdown": "Cost by category, phase and run fate",
+    "spend_over_time": "Cumulative spend on runs over time",
+    "total_vs_final": "The whole project vs the final run",
+}
+
+Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("table", DataFrame) | ("plot", name)
+
+
+@dataclass
+class ReportResult:
+    """Where the report was written, its numbers, and the MLflow run holding it (None when not logged)."""
+
+    out: Path
+    html: Path
+    markdown: Path
+    runs_csv: Path
+    cost_json: Path
+    fits_json: Path
+    plots: dict[str, Path]
+    cost: dict[str, Any]
+    fits: dict[str, Any]
+    report_run_id: str | None
+
+
+def build_report(uri: str | None, experiments: list[str] | None, ledger: str | Path | None,
+                 final_run_id: str | None, out: str | Path, *, root: str | Path = "mlruns",
+                 log_to_mlflow: bool = True) -> ReportResult:
+    """Write the report of the named experiments (all when None) of the store `uri` into `out`.
+
+    `ledger` is a TOML ledger of costs outside MLflow; `final_run_id` overrides the run tagged phase=final. With
+    `log_to_mlflow`, the files become the artifacts of a new run tagged phase=report in the experiment "reports"
+    (artifacts under `<root>/artifacts/reports` on the embedded SQLite store)."""
+    uri = tracking_uri(uri, Path(root))
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    runs = load_runs(uri, experiments, root=root)
+    runs = runs[_phase(runs) != "report"].reset_index(drop=True)
+    cost = project_cost(runs, load_ledger(ledger) if ledger else None, final_run_id)
+    points = score_points(runs)
+    fits, fitted = fit_scores(points[COMPUTE].to_numpy(), points[SCORE].to_numpy())
+    fits["run_ids"] = list(points["run_id"])
+    pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
+            "score_vs_data": _plot_score_vs_data(points), "cost_breakdown": _plot_cost_breakdown(cost),
+            "spend_over_time": _plot_spend(runs, cost), "total_vs_final": _plot_total_vs_final(cost)}
+    plots = {name: out / "plots" / f"{name}.png" for name in pngs}
+    for name, png in pngs.items():
+        plots[name].write_bytes(png)
+    title = f"Project report: {', '.join(experiments) if experiments else 'all experiments'}"
+    blocks = _cost_blocks(cost) + _fit_blocks(points, fits)
+    files = {"html": out / "report.html", "markdown": out / "report.md", "runs_csv": out / "runs.csv",
+             "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
+    files["html"].write_text(_html(title, blocks, pngs), encoding="utf-8")
+    files["markdown"].write_text(_markdown(title, blocks), encoding="utf-8")
+    runs.to_csv(files["runs_csv"], index=False)
+    files["cost_json"].write_text(json.dumps(_json_ready(cost), indent=2), encoding="utf-8")
+    files["fits_json"].write_text(json.dumps(_json_ready(fits), indent=2), encoding="utf-8")
+    run_id = _log_report(uri, Path(root), list(files.values()), out / "plots", experiments) if log_to_mlflow else None
+    return ReportResult(out=out, **files, plots=plots, cost=cost, fits=fits, report_run_id=run_id)
+
+
+def score_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a score fit may use: finished, not a report or sweep parent, with a score and compute > 0."""
+    columns = ["run_id", "run_name", "tags.model.name", COMPUTE, SCORE, *DATA_VOLUME]
+    df = pd.DataFrame({c: runs[c] if c in runs else pd.Series(np.nan, index=runs.index) for c in columns})
+    for c in columns[3:]:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    keep = ((runs["fate"] == "finished") & ~_phase(runs).isin(UNFITTED_PHASES) & np.isfinite(df[SCORE])
+            & np.isfinite(df[COMPUTE]) & (df[COMPUTE] > 0))
+    return df[keep].sort_values(COMPUTE, kind="stable", ignore_index=True)
+
+
+def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, Fit]]:
+    """Each form of SCORE_FORMS fitted to score y vs compute x, the held-out extrapolation check and the next 10x.
+
+    A form needs one distinct compute value more than its parameters; a form that cannot be fitted is listed in
+    "skipped" with the reason. The best form is the one with the lowest held-out rmse (else training rmse)."""
+    summary: dict[str, Any] = {"x": COMPUTE, "y": SCORE, "n_points": len(x), "forms": {}, "skipped": {},
+                               "extrapolation": None, "extrapolation_note": None, "best_form": None,
+                               "best_run": None, "next_10x": {}}
+    distinct = len(np.unique(x))
+    fitted: dict[str, Fit] = {}
+    for form in SCORE_FORMS:
+        need = len(FORMS[form]) + 1
+        if distinct < need:
+            summary["skipped"][form] = f"needs {need} distinct compute values, has {distinct}"
+        elif np.ptp(y) == 0:
+            summary["skipped"][form] = f"every score is {y[0]:g}: no trend to fit"
+        else:
+            try:
+                fitted[form] = fit(x, y, form)
+            except (ValueError, RuntimeError) as e:
+                summary["skipped"][form] = str(e)
+    summary["forms"] = {form: f.to_dict() | {"law": LAWS[form]} for form, f in fitted.items()}
+    if len(x):
+        best = int(np.argmax(y))
+        summary["best_run"] = {"score": float(y[best]), "compute": float(x[best])}
+    summary["extrapolation"], summary["extrapolation_note"] = _extrapolation_check(x, y, list(fitted))
+    ranked = [r["form"] for r in summary["extrapolation"] or []] or sorted(fitted, key=lambda f: fitted[f].rmse)
+    summary["best_form"] = ranked[0] if ranked else None
+    if fitted:
+        target = HORIZON * float(x.max())
+        for form, f in fitted.items():
+            low, high = _band(f, np.array([target]))
+            predicted = float(f.predict([target])[0])
+            at_largest = float(f.predict([x.max()])[0])
+            summary["next_10x"][form] = {"compute": target, "predicted": predicted, "low": float(low[0]),
+                                         "high": float(high[0]), "gain_over_best": predicted - float(y.max()),
+                                         "fit_at_largest": at_largest, "gain_over_fit": predicted - at_largest}
+    return summary, fitted
+
+
+def _extrapolation_check(x: np.ndarray, y: np.ndarray, forms: list[str]) -> tuple[list[dict] | None, str | None]:
+    """compare_forms below a cut that holds out the top HELD_OUT of distinct compute values, or why not."""
+    values = np.unique(x)
+    cut = float(values[-max(1, round(HELD_OUT * len(values)))]) if len(values) else math.nan
+    train = np.unique(x[x < cut])
+    usable = [f for f in forms if len(train) >= len(FORMS[f]) + 1]
+    if not usable:
+        return None, (f"too few runs below the cut for a held-out check ({len(train)} distinct compute values)"
+                      if forms else "no form was fitted")
+    try:
+        return compare_forms(x, y, usable, cut).to_dict("records"), None
+    except (ValueError, RuntimeError) as e:
+        return None, f"held-out check failed: {e}"
+
+
+def _band(f: Fit, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fit's 95% bootstrap band at x (NaN without bootstrap draws)."""
+    if len(f.draws) == 0:
+        return np.full(len(x), np.nan), np.full(len(x), np.nan)
+    return f.predict_interval(x)
+
+
+def _phase(runs: pd.DataFrame) -> pd.Series:
+    return runs["tags.phase"].fillna("") if "tags.phase" in runs else pd.Series("", index=runs.index, dtype=str)
+
+
+# ---- text ----
+
+def _usd(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"${v:,.2f}" if abs(v) >= 1 else f"${v:.3g}"
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float | np.floating):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
+    n_runs = sum(cost["runs"].values())
+    blocks: list[Block] = [
+        ("h2", "Cost"),
+        ("p", f"Total cost: {_usd(cost['total_usd'])} ({_usd(cost['runs_usd'])} in {n_runs} recorded runs of "
+              f"every fate, {_usd(cost['ledger_usd'])} in {cost['ledger_items']} ledger items); "
+              f"{cost['gpu_hours_total']:.4g} device-hours, {cost['flops_total']:.3g} FLOPs."),
+    ]
+    if cost["final_run_usd"] is None:
+        blocks.append(("p", "No final run: no run is tagged phase=final (and none was named), so there is no "
+                            "total/final multiplier."))
+    else:
+        which = f"run {cost['final_run_id']}" if cost["final_run_id"] else "ledger items of category final_run"
+        ratio = cost["ratio_total_to_final"]
+        blocks.append(("p", f"Final run cost: {_usd(cost['final_run_usd'])} ({which}). The whole project cost "
+                            + (f"{ratio:.3g}x the final run." if ratio else "n/a x the final run (it cost $0).")))
+    fates = ", ".join(f"{cost['runs'][f]} {f}" for f in FATES)
+    blocks += [
+        ("p", f"Runs by fate: {fates}; {cost['runs_without_cost']} without a recorded cost (counted as $0)."),
+        ("table", _split(cost["by_category"] | {"total": cost["total_usd"]}, "category", cost["total_usd"],
+                         "share_pct").assign(gpu_hours=[*cost["gpu_hours_by_category"].values(),
+                                                         cost["gpu_hours_total"]])),
+        ("table", _split(cost["by_phase"], "phase", cost["runs_usd"])),
+        ("table", _split(cost["by_status"], "fate", cost["runs_usd"]).assign(
+            runs=[cost["runs"][f] for f in cost["by_status"]])),
+        ("plot", "cost_breakdown"), ("plot", "total_vs_final"), ("plot", "spend_over_time"),
+    ]
+    return blocks
+
+
+def _split(usd: dict[str, float], name: str, total: float, share: str = "share_of_runs_pct") -> pd.DataFrame:
+    """Dollars by `name`, with each one's share of `total` in percent (unrounded: tiny CPU runs cost micro-dollars)."""
+    df = pd.DataFrame({name: list(usd), "usd": list(usd.values())})
+    return df.assign(**{share: df["usd"] / total * 100 if total else math.nan})
+
+
+def _law(form: str, d: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k} = {v:.4g}" + (" [{:.4g}, {:.4g}]".format(*d["ci"][k]) if k in d["ci"] else "")
+                      for k, v in d["params"].items())
+    return (f"{form}: {d['law']} with {shown} (C = compute per run in FLOPs; 95% bootstrap intervals over "
+            f"{d['n_boot']} resamples; r2 = {d['r2']:.3g}, rmse = {d['rmse']:.3g}, n = {d['n']}).")
+
+
+def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [("h2", "Score vs compute")]
+    if points.empty:
+        blocks.append(("p", "No fits: no finished run has both eval/accuracy and compute/flops > 0."))
+    else:
+        best = points.loc[points[SCORE].idxmax()]
+        blocks.append(("p", f"{len(points)} finished runs with eval/accuracy and compute/flops enter the fits "
+                            "(failed, killed, pruned, report and sweep-parent runs are left out). Best run now: "
+                            f"{best['run_name']} with accuracy {best[SCORE]:.4g} at {best[COMPUTE]:.3g} FLOPs."))
+    blocks += [("p", _law(form, d)) for form, d in fits["forms"].items()]
+    blocks += [("p", f"{form} not fitted: {why}.") for form, why in fits["skipped"].items() if not points.empty]
+    if fits["best_form"]:
+        form, nxt = fits["best_form"], fits["next_10x"][fits["best_form"]]
+        band = "" if math.isnan(nxt["low"]) else f" [{nxt['low']:.3g}, {nxt['high']:.3g}]"
+        blocks.append(("p", f"Next 10x of compute: at {nxt['compute']:.3g} FLOPs ({HORIZON:g}x the largest run) the "
+                            f"{form} law (best at extrapolating) predicts accuracy {nxt['predicted']:.3g}{band}, "
+                            f"vs {fits['best_run']['score']:.3g} for the best run now "
+                            f"({nxt['gain_over_best']:+.3g}); along the law itself, from {nxt['fit_at_largest']:.3g} "
+                            f"at the largest run, the next 10x buys {nxt['gain_over_fit']:+.3g}."))
+        blocks.append(("table", pd.DataFrame([{"form": f} | v for f, v in fits["next_10x"].items()])))
+    if fits["extrapolation"]:
+        first = fits["extrapolation"][0]
+        blocks += [("p", f"Held-out extrapolation check: each form fitted on the {first['n_train']} runs below "
+                         f"{first['cut']:.3g} FLOPs, scored on the {first['n_test']} runs at or above it "
+                         "(errors in accuracy; mre is relative), best first:"),
+                   ("table", pd.DataFrame(fits["extrapolation"]))]
+    elif fits["extrapolation_note"] and not points.empty:
+        blocks.append(("p", f"No held-out extrapolation check: {fits['extrapolation_note']}."))
+    return blocks + [("plot", "score_vs_compute"), ("plot", "score_vs_data")]
+
+
+def _cells(df: pd.DataFrame) -> pd.DataFrame:
+    return df.map(_num).astype(str)
+
+
+def _markdown(title: str, blocks: list[Block]) -> str:
+    lines = [f"# {title}", ""]
+    for kind, item in blocks:
+        if kind == "h2":
+            lines += [f"## {item}", ""]
+        elif kind == "p":
+            lines += [item, ""]
+        elif kind == "table":
+            cells = _cells(item)
+            lines += ["| " + " | ".join(cells.columns) + " |", "|" + " --- |" * len(cells.columns)]
+            lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)] + [""]
+        else:
+            lines += [f"![{PLOTS[item]}](plots/{item}.png)", ""]
+    return "\n".join(lines)
+
+
+STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
+         "td:first-child{text-align:left}"
+         "img{max-width:100%;display:block;margin:1em 0}figcaption{color:#555;font-size:.9em}")
+
+
+def _html(title: str, blocks: list[Block], pngs: dict[str, bytes]) -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for kind, item in blocks:
+        if kind in ("h2", "p"):
+            parts.append(f"<{kind}>{html.escape(item)}</{kind}>")
+        elif kind == "table":
+            parts.append(_cells(item).to_html(index=False, border=0))
+        else:
+            data = base64.b64encode(pngs[item]).decode("ascii")
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(PLOTS[item])}'>"
+                         f"<figcaption>{html.escape(PLOTS[item])}</figcaption></figure>")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(parts + [f"<p><small>Generated {stamp}.</small></p></body></html>"])
+
+
+# ---- plots ----
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _empty(ax: Axes, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _plot_score_vs_compute(points: pd.DataFrame, fitted: dict[str, Fit], fits: dict[str, Any],
+                           final_run_id: str | None) -> bytes:
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    if points.empty:
+        _empty(ax, "no finished run with eval/accuracy and compute/flops")
+    else:
+        x, y = points[COMPUTE].to_numpy(), points[SCORE].to_numpy()
+        ax.scatter(x, y, s=14, color="black", zorder=3, label="finished runs")
+        final = points["run_id"] == final_run_id
+        if final.any():
+            ax.scatter(x[final], y[final], s=120, marker="*", color="gold", edgecolor="black", zorder=4,
+                       label="final run")
+        top = x.max()
+        inside, beyond = np.geomspace(x.min(), top, 200), np.geomspace(top, HORIZON * top, 60)
+        for (form, f), color in zip(fitted.items(), ("tab:blue", "tab:orange", "tab:green")):
+            ax.plot(inside, f.predict(inside), color=color, label=f"{form} fit (r2 {f.r2:.3f})")
+            ax.plot(beyond, f.predict(beyond), color=color, ls="--")
+            grid = np.concatenate([inside, beyond])
+            ax.fill_between(grid, *_band(f, grid), color=color, alpha=0.15, lw=0)
+        if fitted:
+            ax.axvline(top, color="grey", ls=":", lw=1, label="largest run (dashed beyond: extrapolation)")
+        else:
+            _empty(ax, "no law fitted: " + next(iter(fits["skipped"].values())))
+        if fits["extrapolation"]:
+            ax.axvline(fits["extrapolation"][0]["cut"], color="tab:red", ls=":", lw=1, label="held-out cut")
+        ax.set_xscale("log")
+        ax.set_ylim(min(0.0, y.min()) - 0.03, max(1.0, y.max()) + 0.03)  # an extrapolation past 1 is cut off
+        ax.legend(fontsize=8, loc="best")
+    ax.set(xlabel="compute per run (FLOPs, log scale)", ylabel="held-out accuracy (fraction correct)",
+           title="Score vs compute (bands: 95% bootstrap intervals)")
+    return _png(fig)
+
+
+def _plot_score_vs_data(points: pd.DataFrame) -> bytes:
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    column = next((c for c in DATA_VOLUME if (points[c] > 0).any()), None)
+    if column is None:
+        _empty(ax, "no finished run with a score and data/samples or data/tokens/generated")
+        ax.set_xlabel("RL data volume")
+    else:
+        ok = points[points[column] > 0]
+        for model, group in ok.groupby(ok["tags.model.name"].fillna("unknown model")):
+            ax.scatter(group[column], group[SCORE], s=14, label=model)
+        ax.set_xscale("log")
+        ax.legend(fontsize=8, title="model")
+        ax.set_xlabel(f"RL data volume ({DATA_VOLUME[column]} per run, {column}, log scale)")
+    ax.set(ylabel="held-out accuracy (fraction correct)", title="Score vs RL data volume")
+    return _png(fig)
+
+
+def _plot_cost_breakdown(cost: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 3)
+    splits = [("by category (runs + ledger)", {c: cost["by_category"][c] for c in CATEGORIES}),
+              ("by phase (runs)", cost["by_phase"]), ("by fate (runs)", {f: cost["by_status"][f] for f in FATES})]
+    for ax, (name, usd) in zip(axes, splits):
+        if usd:
+            ax.barh(list(usd), list(usd.values()), color="tab:blue")
+            ax.invert_yaxis()
+        else:
+            _empty(ax, "no runs")
+        ax.set(xlabel="cost (US dollars)", title=f"Cost {name}")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _plot_spend(runs: pd.DataFrame, cost: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    spend = spend_over_time(runs).dropna(subset=["time"])
+    if spend.empty:
+        _empty(ax, "no runs")
+    else:
+        ax.step(spend["time"].dt.tz_convert(None), spend["cumulative_usd"], where="post", color="tab:blue")
+        fig.autofmt_xdate()
+    note = f" (+{_usd(cost['ledger_usd'])} undated ledger items)" if cost["ledger_items"] else ""
+    ax.set(xlabel="time a run ended (UTC)", ylabel="cumulative cost of runs (US dollars)",
+           title=f"Cumulative spend on runs{note}")
+    return _png(fig)
+
+
+def _plot_total_vs_final(cost: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    bottom = 0.0
+    for category in CATEGORIES:
+        usd = cost["by_category"][category]
+        if usd > 0:
+            ax.bar("whole project", usd, bottom=bottom, label=category)
+            bottom += usd
+    if cost["final_run_usd"] is None:
+        ax.set_title("Whole project (no final run tagged phase=final)")
+    else:
+        ax.bar("final run", cost["final_run_usd"], color="tab:gray")
+        ratio = cost["ratio_total_to_final"]
+        ax.set_title("Whole project vs final run" + (f": {ratio:.3g}x" if ratio else ""))
+    if bottom > 0:
+        ax.legend(fontsize=8, title="category")
+    else:
+        _empty(ax, "nothing cost anything")
+    ax.set_ylabel("cost (US dollars)")
+    return _png(fig)
+
+
+# ---- output ----
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON values: NaN and inf become null, numpy numbers Python ones."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _log_report(uri: str, root: Path, files: list[Path], plots: Path, experiments: list[str] | None) -> str:
+    """A FINISHED run tagged phase=report in the experiment "reports" holding the files; its id."""
+    client = MlflowClient(uri)
+    tags = {"phase": "report", "project": REPORT_EXPERIMENT,
+            "report.experiments": ",".join(experiments) if experiments else "(all)"}
+    run_id = client.create_run(experiment_id(client, REPORT_EXPERIMENT, root), tags=tags,
+                               run_name="report").info.run_id
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path))
+        client.log_artifacts(run_id, str(plots), "plots")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
