@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +43,16 @@ def fail(message: str, debug: bool = False) -> None:
         console.print_exception()
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+class Quiet:
+    """A callback that shows nothing (ranks other than 0 under torchrun)."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def new_progress() -> Progress:
@@ -87,6 +99,8 @@ def train(
     config: Annotated[str, typer.Argument(help="Experiment TOML file.")],
     set_: SetOpt = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore checkpoints in output_dir.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine: runs itself under torchrun "
+                                       "(DistributedDataParallel; gloo on CPU, nccl on GPU).", min=1)] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Run cold-start SFT, then GRPO with self-verification, and evaluate before and after RL.
@@ -94,16 +108,31 @@ def train(
     Examples:
       rlscale train experiments/addition.toml
       rlscale train experiments/addition.toml --set grpo.steps=100 --set seed=1
+      rlscale train experiments/addition.toml --nproc 2          # = torchrun --nproc-per-node 2 ...
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            load_config(config, set_)  # a bad config stops here, once, not in every rank
+        except ConfigError as e:
+            fail(str(e), debug)
+        argv = sys.argv[1:]
+        i = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
+        del argv[i : i + (1 if "=" in argv[i] else 2)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "experiments.cli", *argv]
+        raise typer.Exit(subprocess.call(cmd))
+    rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(config, set_)
-        bar = ProgressCallback(cfg.sft.steps, cfg.grpo.steps)
+        bar = ProgressCallback(cfg.sft.steps, cfg.grpo.steps) if rank == 0 else Quiet()
         try:
             result = run_experiment(cfg, bar, resume=not no_resume)
         finally:
             bar.close()
     except (ConfigError, InputError, PriceError) as e:
         fail(str(e), debug)
+        return
+    if rank != 0:
         return
     table = Table(title=f"{cfg.name}: {cfg.model.name} on {cfg.task.name}")
     table.add_column("metric")

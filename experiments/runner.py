@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import version
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def run_experiment(
     `tags` and `params` are added to the run's own (a sweep trial's parent and trial number, grid coordinates);
     an exception of a `pruned_on` type marks the run pruned."""
     check_inputs(cfg)  # bad input stops here, before a run exists in the store
-    if not cfg.tracking.enabled:
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun only rank 0 writes to MLflow
+    if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:
         return run_pipeline(cfg, progress, resume=resume)
     root = Path(cfg.tracking.root)
     prices = load_prices(cfg.tracking.prices)
@@ -51,7 +53,8 @@ def run_experiment(
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     tags = {
         "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
-        "device.type": device.type, "device.count": str(torch.get_num_threads() if device.type == "cpu" else 1),
+        "device.type": device.type,
+        "device.count": str(world * (torch.get_num_threads() if device.type == "cpu" else 1)), "world_size": str(world),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
     } | (tags or {})
     client = MlflowClient(tracking_uri(cfg.tracking.uri, root))

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from transformers import PreTrainedModel
 
+from rl import distributed
 from rl.generate import Batch
 from rl.model import count_params
 
@@ -94,7 +95,8 @@ class Meter:
             self.counts[_COUNTER_KEYS[k]] += int(v)
 
     def metrics(self) -> dict[str, float]:
-        """Cumulative compute and data metrics under their schema names."""
+        """Cumulative compute and data metrics under their schema names, summed over ranks under torchrun
+        (a collective: every rank calls it at the same points)."""
         m: dict[str, float] = {}
         for p in PHASES:
             m[f"compute/flops/{p}"] = self.flops.get(p, 0.0)
@@ -105,7 +107,7 @@ class Meter:
         for k in COUNTERS:
             m[k] = float(self.counts.get(k, 0))
         m["data/samples"] = m["data/samples/solve"] + m["data/samples/verify"]
-        return m
+        return dict(zip(m, distributed.all_sum(list(m.values()))))
 
     def state_dict(self) -> dict:
         return {"flops": dict(self.flops), "seconds": dict(self.seconds), "counts": dict(self.counts)}

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from rl import distributed
 from rl.accounting import Meter
 
 STOP = threading.Event()  # set by a signal handler: trainers checkpoint at the next step boundary and stop
 
 
 def stop_if_requested(ckpt_dir: Path | None, phase: str, step: int, *state) -> None:
-    """After a finished step: when a stop was requested, checkpoint (if there is a folder) and raise."""
-    if STOP.is_set():
+    """After a finished step: when a stop was requested (on any rank), checkpoint (if there is a folder), raise."""
+    if distributed.any_rank(STOP.is_set()):
         if ckpt_dir:
             save_checkpoint(ckpt_dir, phase, step, *state)
         raise KeyboardInterrupt(f"stopped by request after {phase} step {step}")
@@ -39,7 +40,14 @@ def save_checkpoint(
     generator: torch.Generator,
     meter: Meter,
 ) -> Path:
-    """Write a checkpoint and point `latest` at it; older checkpoints are removed."""
+    """Write a checkpoint and point `latest` at it; older checkpoints are removed.
+
+    Under torchrun every rank calls it: rank 0 writes the (replicated) weights and optimizer, and every rank's
+    sampling RNG and accounting, so each resumes exactly its own stream and no rank's compute is lost or doubled."""
+    ranks = distributed.gather({"generator": generator.get_state(), "meter": meter.state_dict()})
+    if distributed.rank() != 0:
+        distributed.barrier()
+        return Path(ckpt_dir) / f"ckpt-{phase}-{step}"
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{phase}-{step}"
@@ -56,6 +64,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "python_rng": list(random.getstate()[1]),
         "meter": meter.state_dict(),
+        "ranks": ranks,
     }
     torch.save(state, tmp / "state.pt")
     final = ckpt_dir / name
@@ -67,6 +76,7 @@ def save_checkpoint(
     for old in ckpt_dir.glob("ckpt-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -101,8 +111,12 @@ def load_checkpoint(
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
+    mine = state["ranks"][distributed.rank()] if len(state.get("ranks", [])) == distributed.world() else None
+    generator.set_state(mine["generator"] if mine else state["generator"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
-    meter.load_state_dict(state["meter"])
+    if mine:
+        meter.load_state_dict(mine["meter"])
+    elif distributed.rank() == 0:  # a checkpoint of another world size: its total is counted once, on rank 0
+        meter.load_state_dict(state["meter"])
     return state

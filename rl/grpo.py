@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rl import distributed
 from rl.accounting import Callback, Meter
 from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
@@ -137,15 +138,20 @@ def train_grpo(
     `on_eval(step)` runs a quick held-out eval every `cfg.eval_every` steps; metrics leave through `callback`
     at global step `step_offset + step`. `stop_after` ends the loop early (for tests of resume)."""
     G = cfg.num_generations
+    if cfg.prompts_per_step % distributed.world():
+        raise ValueError(f"grpo.prompts_per_step {cfg.prompts_per_step} is not divisible by {distributed.world()} "
+                         "ranks")
     fm = meter.fm
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed + 7919 * distributed.rank())
     start = 0
     state = load_checkpoint(ckpt_dir, "rl", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
     if state is not None:
         start = state["step"]
+    # under torchrun, DistributedDataParallel averages gradients over ranks; sampling uses the bare model
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed.world() > 1 else model
 
     for step in range(start, cfg.steps):
         if stop_after is not None and step >= stop_after:
@@ -153,7 +159,8 @@ def train_grpo(
         model.train()
         # 1. sample G completions for each of the step's problems: o_1..o_G ~ pi_theta_old(. | q)
         problems = task.problems(cfg.prompts_per_step, "train", seed=seed * 1_000_003 + step)
-        rng = random.Random(f"grpo:{seed}:{step}")
+        problems = problems[distributed.rank() :: distributed.world()]  # under torchrun each rank takes a slice
+        rng = random.Random(f"grpo:{seed}:{step}:{distributed.rank()}")
         rows = [p for p in problems for _ in range(G)]
         with meter.phase("rollout"):
             solve = sample(model, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
@@ -213,7 +220,7 @@ def train_grpo(
             with meter.phase("policy"):
                 total = torch.zeros((), device=device)
                 for name, b, adv, coef in batches:
-                    logp, entropy = completion_logprobs(model, b, cfg.temperature, with_entropy=True)
+                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg)
                     total = total + coef * loss
@@ -226,7 +233,7 @@ def train_grpo(
                     meter.add("policy", fm.sequences(*b.input_ids.shape, train=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and cfg.verify_sft_coef > 0:
-                    logp, _ = completion_logprobs(model, check)
+                    logp, _ = completion_logprobs(net, check)
                     cmask = check.completion_mask.float()
                     nll = -(logp * cmask).sum() / cmask.sum().clamp(min=1)  # L_check = -log p(program's check)
                     total = total + cfg.verify_sft_coef * nll
@@ -236,8 +243,12 @@ def train_grpo(
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"non-finite GRPO loss at RL step {step}")
+                if distributed.any_rank(not (torch.isfinite(total) and torch.isfinite(grad_norm))):
+                    if ckpt_dir:  # the weights are still the last good ones: keep them for a resume
+                        save_checkpoint(ckpt_dir, "rl", step, model, optimizer, scheduler, generator, meter)
+                    raise FloatingPointError(f"non-finite GRPO loss or gradient at RL step {step + 1} (loss "
+                                             f"{total.item()}, grad norm {float(grad_norm)}, reward mean "
+                                             f"{float(rewards.mean())})")
                 optimizer.step()
         scheduler.step()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rl import distributed
 from rl.accounting import Callback, FlopModel, Meter
 from rl.checkpoint import latest_checkpoint
 from rl.evaluate import EvalConfig, evaluate
@@ -87,11 +88,16 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
     device = next(model.parameters()).device
-    # device-seconds count every core of a CPU run (the unit CPU time is priced in), every GPU of a GPU run
+    distributed.setup(device)  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
+    lead = distributed.rank() == 0  # evaluates, saves models and (in tracking) writes to MLflow
+    # device-seconds count every core of a CPU run (the unit CPU time is priced in), every GPU of a GPU run;
+    # under torchrun each rank counts its own and the meter sums them
     meter = Meter(FlopModel.of(model), devices=torch.get_num_threads() if device.type == "cpu" else 1)
     found = latest_checkpoint(ckpt_dir)
 
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
+        if not lead:
+            return {}, []
         gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + step)
         metrics, table = evaluate(model, tokenizer, task, problems, cfg.eval, meter, gen)
         model.train()
@@ -113,8 +119,10 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
         sft_metrics, _ = run_eval(eval_problems, sft_steps)
         sft_metrics["eval/sft_steps"] = float(sft_steps)
         callback.on_log(sft_steps, sft_metrics | meter.metrics())
-        _save_atomic(model, tokenizer, sft_dir)
-        (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
+        if lead:
+            _save_atomic(model, tokenizer, sft_dir)
+            (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
+        distributed.barrier()
     else:
         sft_metrics = json.loads((sft_dir / "eval.json").read_text())
     sft_steps = int(sft_metrics["eval/sft_steps"])
@@ -134,9 +142,12 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     metrics, table = run_eval(eval_problems, sft_steps + cfg.grpo.steps)
     for k, v in sft_metrics.items():
         metrics[k if k.startswith("eval/sft_") else k.replace("eval/", "eval/sft_", 1)] = v
-    metrics["eval/rl_gain"] = metrics["eval/accuracy"] - sft_metrics["eval/accuracy"]
+    if lead:
+        metrics["eval/rl_gain"] = metrics["eval/accuracy"] - sft_metrics["eval/accuracy"]
     metrics |= meter.metrics()
     callback.on_log(sft_steps + cfg.grpo.steps, metrics)
-    _save_atomic(model, tokenizer, out / "final")
+    if lead:
+        _save_atomic(model, tokenizer, out / "final")
+    distributed.barrier()
     return RunResult(metrics, sft_metrics, table, out / "final", count_params(model))
 

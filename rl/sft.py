@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rl import distributed
 from rl.accounting import Callback, Meter
 from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
@@ -62,33 +63,40 @@ def train_sft(
     generator = torch.Generator().manual_seed(seed)
     state = load_checkpoint(ckpt_dir, "sft", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
     start = state["step"] if state else 0
+    if cfg.batch_size % distributed.world():
+        raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by {distributed.world()} ranks")
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed.world() > 1 else model
     model.train()
     for step in range(start, cfg.steps):
         rng = random.Random(f"sft:{seed}:{step}")
         problems = task.problems(cfg.batch_size, "train", seed=-(seed * 1_000_003 + step) - 1)
         examples = sft_examples(task, problems, rng, cfg.verify_fraction, cfg.verify_correct_share)
+        examples = examples[distributed.rank() :: distributed.world()]  # under torchrun each rank takes a slice
         with meter.phase("sft"):
             ids, mask = encode_prompts(tokenizer, [p for p, _ in examples], device)
             cids, cmask = encode_completions(tokenizer, [c for _, c in examples], device)
             batch = Batch(ids, mask, cids, cmask, [])
-            logp, _ = completion_logprobs(model, batch)
+            logp, _ = completion_logprobs(net, batch)
             loss = -(logp * cmask).sum() / cmask.sum()  # token-level negative log-likelihood
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite SFT loss at step {step}")
+            if distributed.any_rank(not (torch.isfinite(loss) and torch.isfinite(grad_norm))):
+                if ckpt_dir:  # the weights are still the last good ones: keep them for a resume
+                    save_checkpoint(ckpt_dir, "sft", step, model, optimizer, scheduler, generator, meter)
+                raise FloatingPointError(f"non-finite SFT loss or gradient at SFT step {step + 1} (loss {loss.item()})")
             optimizer.step()
             scheduler.step()
         meter.add("sft", meter.fm.sequences(*batch.input_ids.shape, train=True))
-        meter.count(problems=len(problems), tokens_prompt=int(mask.sum()), tokens_trained=int(cmask.sum()))
+        meter.count(problems=len(problems) // distributed.world(), tokens_prompt=int(mask.sum()),
+                    tokens_trained=int(cmask.sum()))
         metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}
         callback.on_log(step + 1, metrics | meter.metrics())
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
         stop_if_requested(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
         if cfg.target_accuracy and accuracy and (step + 1) % cfg.check_every == 0:
-            if accuracy() >= cfg.target_accuracy:
+            if distributed.from_rank0(accuracy() if distributed.rank() == 0 else None) >= cfg.target_accuracy:
                 return step + 1
             model.train()
     return cfg.steps

@@ -1,0 +1,205 @@
+"""A local spool of what a run could not deliver to its tracking store, and `sync_spool` to deliver it later.
+
+When the store (an MLflow server, a locked or unreachable database) is still down at the end of a run, its
+pending metrics, tags, small artifacts and final status are appended to `<spool dir>/<run_id>.jsonl` (default
+`<tracking root>/spool/`): one JSON object per line, written with a single `write` and fsynced, so a crash can
+at most leave a torn last line, which is ignored. The first line names the run and its tracking URI:
+
+    {"kind": "run", "run_id": "...", "tracking_uri": "http://...", "created": 1.7e9}
+    {"kind": "metrics", "metrics": [["compute/flops", 1.0e12, 1712345678000, 3], ...]}   # key, value, ms, step
+    {"kind": "tags", "tags": {"error.class": "RuntimeError", ...}}
+    {"kind": "dict", "artifact_file": "eval_samples.json", "data": {...}}
+    {"kind": "artifacts", "local_dir": "/abs/outputs/run/final", "artifact_path": "model"}
+    {"kind": "status", "status": "FINISHED", "end_time": 1712345679000}
+
+`sync_spool` (`rlscale runs sync`) replays each file in order and deletes it only after every record was
+accepted. Replaying is idempotent (MLflow drops a metric identical to one it holds; tags, artifacts and the
+status are overwritten), so a sync that is interrupted can simply be run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: no cross-process lock (one writer per spool file is still the rule)
+    fcntl = None  # type: ignore[assignment]
+
+SUFFIX = ".jsonl"
+
+
+def default_spool_dir(root: str | Path) -> Path:
+    """`<tracking root>/spool`."""
+    return Path(root) / "spool"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    """An fd of `path` (created when missing) opened for appending, under an exclusive lock.
+
+    The lock is taken on the file itself; after locking, the path is checked to still name the same file (a
+    sync may have delivered and removed it meanwhile), else it is opened again."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield fd
+                return
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool file of one run: append records durably."""
+
+    def __init__(self, directory: str | Path, run_id: str, tracking_uri: str):
+        self.directory = Path(directory)
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.path = self.directory / f"{run_id}{SUFFIX}"
+
+    def append(self, records: list[dict[str, Any]]) -> Path:
+        """Append records (JSON-serialisable dicts with a `kind`), fsynced; the header line comes first."""
+        if not records:
+            return self.path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path) as fd:
+            lines = []
+            if os.fstat(fd).st_size == 0:
+                lines.append({"kind": "run", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                              "created": time.time()})
+            lines += records
+            data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in lines).encode()
+            view = memoryview(data)
+            while view:  # one write is the rule; loop only for a short write
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        _fsync_dir(self.directory)
+        return self.path
+
+
+def read_spool(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records) of a spool file; a torn last line (a crash mid-write) is ignored."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    if not records or records[0].get("kind") != "run" or "run_id" not in records[0]:
+        raise ValueError(f"{path}: not a spool file (no run header)")
+    return records[0], records[1:]
+
+
+@dataclass
+class SyncResult:
+    """What `sync_spool` did: run ids delivered, and files left with the reason."""
+
+    synced: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # file -> error
+    metrics: int = 0  # metric values delivered
+
+
+def _deliver(client, run_id: str, record: dict[str, Any]) -> int:
+    from mlflow.entities import Metric, RunTag
+
+    kind = record.get("kind")
+    if kind == "metrics":
+        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in record["metrics"]]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        return len(metrics)
+    if kind == "tags":
+        tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
+        for i in range(0, len(tags), 100):
+            client.log_batch(run_id, tags=tags[i : i + 100])
+    elif kind == "dict":
+        client.log_dict(run_id, record["data"], record["artifact_file"])
+    elif kind == "artifacts":
+        if Path(record["local_dir"]).is_dir():
+            client.log_artifacts(run_id, record["local_dir"], record.get("artifact_path"))
+    elif kind == "status":
+        run = client.get_run(run_id)
+        if "reconciled" in run.data.tags:  # marked KILLED while the run was in fact ending: the spool knows
+            client.delete_tag(run_id, "reconciled")
+        client.set_terminated(run_id, status=record["status"], end_time=record.get("end_time"))
+    else:
+        raise ValueError(f"unknown spool record kind {kind!r}")
+    return 0
+
+
+def sync_file(path: str | Path, uri: str | None = None,
+              client_factory: Callable[[str], Any] | None = None) -> int:
+    """Deliver one spool file to `uri` (default: the URI it was written for) and delete it; returns the number
+    of metric values delivered. Raises on the first record the store refuses; the file is then kept whole."""
+    path = Path(path)
+    if client_factory is None:
+        from mlflow.tracking import MlflowClient
+
+        client_factory = MlflowClient
+    if not path.is_file():
+        return 0
+    with _locked(path) as fd:  # no run appends while its spool is delivered
+        if os.fstat(fd).st_size == 0:  # created by the lock itself: nothing to deliver
+            path.unlink()
+            return 0
+        header, records = read_spool(path)
+        client = client_factory(uri or header["tracking_uri"])
+        delivered = sum(_deliver(client, header["run_id"], r) for r in records)
+        path.unlink()
+    _fsync_dir(path.parent)
+    return delivered
+
+
+def pending(directory: str | Path) -> list[Path]:
+    """Spool files waiting in `directory`, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(d.glob(f"*{SUFFIX}"), key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def sync_spool(directory: str | Path, uri: str | None = None,
+               client_factory: Callable[[str], Any] | None = None) -> SyncResult:
+    """Deliver every spool file in `directory` (see `sync_file`); a file that fails stays for the next sync."""
+    result = SyncResult()
+    for path in pending(directory):
+        try:
+            result.metrics += sync_file(path, uri, client_factory)
+            result.synced.append(path.stem)
+        except Exception as e:  # keep going: one unreachable store or bad file must not block the others
+            result.failed[str(path)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+    return result
