@@ -8,6 +8,8 @@ share it. A pruned trial is still a run with its compute: it cost money.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,23 @@ from tracking.run import experiment_id, tracking_uri
 
 PARENT_ATTR = "mlflow_parent_run_id"
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+ACTIVE = (*DONE, optuna.trial.TrialState.RUNNING)
+HOST = socket.gethostname()
+
+
+class StudyFull(Exception):
+    """The study already has its trials (other workers or machines ran them): this one is not run."""
+
+
+def _alive(t: optuna.trial.FrozenTrial) -> bool:
+    """False for a RUNNING trial whose process on this host is gone (a killed sweep); others count."""
+    if t.state != optuna.trial.TrialState.RUNNING or t.user_attrs.get("host") != HOST:
+        return True
+    try:
+        os.kill(int(t.user_attrs.get("pid", 0)), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -54,8 +73,8 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
     sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
     pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps)
               if sw.pruner == "median" else optuna.pruners.NopPruner())
-    if "://" in storage:
-        store: Any = storage
+    if "://" in storage:  # RDB: heartbeats let any worker fail the trials of a dead one
+        store: Any = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     else:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -92,6 +111,14 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
     """The objective of the study: one tracked training run per trial, returning its final metric."""
 
     def run_trial(trial: optuna.Trial) -> float:
+        # trial numbers come from the shared storage: past the budget, this one is surplus of a concurrent start
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE)
+                 if t.number < trial.number and _alive(t)]
+        if len(ahead) >= spec.trials:
+            trial.study.stop()
+            raise StudyFull(f"the study already has {spec.trials} trials")
+        trial.set_user_attr("host", HOST)
+        trial.set_user_attr("pid", os.getpid())
         base = load_config(spec.config, spec.overrides)
         assert base.sweep is not None
         values = {k: suggest(trial, k, dim) for k, dim in base.sweep.space.items()}
@@ -134,7 +161,12 @@ def parent_run(client: MlflowClient, cfg: ExperimentConfig, study: optuna.Study)
     run = client.create_run(experiment_id(client, cfg.name, Path(cfg.tracking.root)), tags=tags,
                             run_name=study.study_name)
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
-    return run.info.run_id
+    time.sleep(1.0)  # two sweeps started together both create one: the last writer's is kept, the other deleted
+    winner = study.user_attrs[PARENT_ATTR]
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+        client.update_run(winner, status=RunStatus.to_string(RunStatus.RUNNING))
+    return winner
 
 
 def finish_parent(client: MlflowClient, run_id: str, study: optuna.Study, metric: str, status: str) -> None:

@@ -100,15 +100,14 @@ class Cluster:
         return self
 
     def url(self, database: str) -> str:
-        """SQLAlchemy / MLflow / Optuna URL of `database`. The driver is named: SQLAlchemy >= 2.1 reads a bare
-        `postgresql://` as psycopg 3, and the dev extra installs psycopg2."""
-        return f"postgresql+psycopg2://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
+        """SQLAlchemy / MLflow / Optuna URL of `database` (a bare `postgresql://` is psycopg 3, a dependency)."""
+        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        import psycopg2
+        import psycopg
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password,
-                                dbname="postgres")
+        conn = psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password,
+                               dbname="postgres")
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -160,8 +159,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, *args: str, env: dict[str, 
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts), *args]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    # no job runner (MLflow's GenAI background jobs, a process tree of its own): unused here, slow to stop
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
