@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+import sqlalchemy
+import sqlalchemy.exc
 from mlflow.entities import RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
@@ -40,6 +42,7 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, *, p
     conditions = [_tag_condition(k, v) for k, v in wanted.items()]
     uri = tracking_uri(uri, Path(root))
     try:
+        _probe_database(uri)
         client = MlflowClient(uri)
         names = _experiment_names(client, experiments)
         runs = []
@@ -47,7 +50,7 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, *, p
             where = " and ".join(conditions + ([f"attributes.status = '{s}'"] if s else []))
             if names:
                 runs += _all_pages(client.search_runs, experiment_ids=list(names), filter_string=where)
-    except (MlflowException, ImportError, OSError) as e:
+    except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise _store_error(uri, e) from None
     rows = [r.data.metrics | {f"tags.{k}": v for k, v in r.data.tags.items()}
             | {f"params.{k}": v for k, v in r.data.params.items()} | _core(r, names) for r in runs]
@@ -62,8 +65,9 @@ def metric_history(run_id: str, key: str, uri: str | None = None, root: str | Pa
     """Every logged value of metric `key` of a run: step, timestamp (UTC) and value, in step order."""
     uri = tracking_uri(uri, Path(root))
     try:
+        _probe_database(uri)
         history = MlflowClient(uri).get_metric_history(run_id, key)
-    except (MlflowException, ImportError, OSError) as e:
+    except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise _store_error(uri, e) from None
     df = pd.DataFrame([(m.step, m.timestamp, m.value) for m in history], columns=["step", "timestamp", "value"])
     df["timestamp"] = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
@@ -75,6 +79,21 @@ def _core(run, names: dict[str, str]) -> dict:
     return {"run_id": info.run_id, "experiment": names[info.experiment_id], "run_name": info.run_name,
             "status": info.status, "fate": "pruned" if tags.get("pruned") == "true" else _FATE_OF_STATUS[info.status],
             "start_time": info.start_time, "end_time": info.end_time, "parent_run_id": tags.get("mlflow.parentRunId")}
+
+
+def _probe_database(uri: str, timeout: int = 5) -> None:
+    """Connect once to a database store (PostgreSQL, MySQL, MSSQL): MLflow itself retries an unreachable
+    database for about 100 s before it gives up, where a reader wants one clear error at once."""
+    dialect = uri.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql", "mssql"):
+        return
+    args = {"connect_timeout": timeout} if dialect in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=args)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def _experiment_names(client: MlflowClient, experiments: list[str] | None) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from experiments.runner import run_experiment
 from rl.checkpoint import STOP
 from rl.pipeline import InputError
 from tracking.cost import PriceError
+from tracking.run import StoreError
 
 app = typer.Typer(
     help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
@@ -41,7 +43,7 @@ def fail(message: str, debug: bool = False) -> None:
     """One clear error line and exit code 2 (the traceback only with --debug)."""
     if debug:
         console.print_exception()
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -129,7 +131,7 @@ def train(
             result = run_experiment(cfg, bar, resume=not no_resume)
         finally:
             bar.close()
-    except (ConfigError, InputError, PriceError) as e:
+    except (ConfigError, InputError, PriceError, StoreError) as e:
         fail(str(e), debug)
         return
     if rank != 0:
@@ -212,7 +214,9 @@ def sweep(
     from experiments.sweep import run_sweep
 
     try:
-        load_config(config, set_)
+        cfg = load_config(config, set_)
+        if cfg.sweep is None or not cfg.sweep.space:
+            raise ValueError(f"{config}: no [sweep] with a search space (sweep.space)")
         with new_progress() as progress:
             task = progress.add_task("sweep trials", total=trials)
 
@@ -224,7 +228,7 @@ def sweep(
 
             result = run_sweep(config, set_ or [], trials, workers, storage, study, bar if workers == 1 else None,
                                on_trial)
-    except (ConfigError, InputError, PriceError, ValueError) as e:
+    except (ConfigError, InputError, PriceError, StoreError, ValueError) as e:
         fail(str(e), debug)
         return
     table = Table(title=f"study {result.study_name}")
@@ -267,14 +271,14 @@ def grid(
                 bar = ProgressCallback(point.cfg.sft.steps, point.cfg.grpo.steps, progress, label)
                 try:
                     run_point(point, bar)
-                except (InputError, PriceError):
+                except (InputError, PriceError, StoreError):
                     raise
                 except Exception as e:  # a failed point is recorded FAILED; the grid goes on
                     failed.append(f"{label.strip()}: {type(e).__name__}: {e}")
                 finally:
                     bar.close()
                 progress.advance(task)
-    except (ConfigError, InputError, PriceError, ValueError) as e:
+    except (ConfigError, InputError, PriceError, StoreError, ValueError) as e:
         fail(str(e), debug)
         return
     skipped = sum(p.id in done for p in points)
@@ -449,7 +453,7 @@ def report(
     print("browse the runs: rlscale ui   (then open http://127.0.0.1:5000)")
 
 
-runs_app = typer.Typer(help="Runs in the store: list, reconcile.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs in the store: list, reconcile, sync.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 UriOpt = Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or mlruns/).")]
 ExpOpt = Annotated[list[str] | None, typer.Option("--experiment", help="Experiment name (repeatable).")]
@@ -512,6 +516,33 @@ def runs_reconcile(
         fail(str(e), debug)
         return
     print(f"marked {len(killed)} run(s) KILLED" + (": " + ", ".join(killed) if killed else ""))
+
+
+@runs_app.command("sync")
+def runs_sync(
+    uri: UriOpt = None,
+    spool: Annotated[Path, typer.Option(help="Spool folder: what runs could not deliver while their store was down.")]
+    = Path("mlruns/spool"),
+    debug: DebugOpt = False,
+) -> None:
+    """Deliver spooled metrics, tags, artifacts and final statuses to the store; exit 1 if some could not be.
+
+    Examples:
+      rlscale runs sync
+      rlscale runs sync --uri http://127.0.0.1:5000 --spool /scratch/mlruns/spool
+    """
+    from tracking.runs import sync
+
+    try:
+        result = sync(spool, uri)
+    except (ValueError, OSError) as e:
+        fail(str(e), debug)
+        return
+    print(f"synced {len(result.synced)} run(s), {result.metrics} metric value(s)")
+    for path, error in result.failed.items():
+        print(f"  not synced: {path}: {error}")
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def _request_stop(signum, frame) -> None:

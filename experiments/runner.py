@@ -15,7 +15,7 @@ from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
 from rl.pipeline import RunResult, check_inputs, run_pipeline
 from tracking.cost import device_key, load_prices
-from tracking.run import TrackedRun, flatten, tracking_uri
+from tracking.run import TrackedRun, flatten, masked, tracking_uri
 
 
 class Fanout:
@@ -71,16 +71,16 @@ def run_experiment(
                     system_metrics=cfg.tracking.system_metrics, pruned_on=pruned_on) as tracked:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracked.run_id)
-        client.log_dict(tracked.run_id, cfg.model_dump(exclude={"sweep", "grid"}), "config.json")
+        tracked.log_dict(masked(cfg.model_dump(mode="json", exclude={"sweep", "grid"})), "config.json")
         try:
             result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
         finally:  # a failed or killed run's checkpoint is what a resume needs: keep it with the run
             ckpt = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
             if cfg.tracking.log_checkpoints and ckpt is not None:
-                client.log_artifacts(tracked.run_id, str(ckpt[2]), f"checkpoints/{ckpt[2].name}")
-        client.set_tag(tracked.run_id, "model.params", str(result.n_params))
-        client.log_dict(tracked.run_id, {"rows": result.eval_table}, "eval_samples.json")
+                tracked.log_artifacts(ckpt[2], f"checkpoints/{ckpt[2].name}")
+        tracked.set_tag("model.params", result.n_params)
+        tracked.log_dict({"rows": result.eval_table}, "eval_samples.json")
         if cfg.tracking.log_model and result.model_dir:
-            client.log_artifacts(tracked.run_id, str(result.model_dir), "model")
+            tracked.log_artifacts(result.model_dir, "model")
     result.run_id = tracked.run_id
     return result

@@ -18,7 +18,7 @@ from typing import Protocol
 from transformers import PreTrainedModel
 
 from rl import distributed
-from rl.generate import Batch
+from rl.generate import Batch, distinct_rows
 from rl.model import count_params
 
 PHASES = ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")
@@ -61,10 +61,24 @@ class FlopModel:
         return (3.0 if train else 1.0) * self.forward(rows * length, rows * length * length)
 
     def generation(self, batch: Batch) -> float:
-        """FLOPs of sampling `batch`: the prompt prefill plus each cached decode step."""
+        """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt plus each cached decode step."""
         B, P = batch.prompt_ids.shape
+        prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
         decode_tokens = B * (batch.completion_ids.shape[1] - 1)
-        return self.sequences(B, P) + self.forward(decode_tokens, batch.decode_context)
+        return self.sequences(prompts, P) + self.forward(decode_tokens, batch.decode_context)
+
+    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
+        """FLOPs of `completion_logprobs(batch, dedupe=...)` (x3 with backward when `train`): every row over
+        prompt + completion; deduplicated, one prefill per distinct prompt and the completion tokens but the last
+        of each distinct row, each attending to its prompt and the tokens before it."""
+        B, P = batch.prompt_ids.shape
+        T = batch.completion_ids.shape[1]
+        if not dedupe:
+            return self.sequences(B, P + T, train)
+        prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
+        rows = len(distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)[0])
+        keys = rows * ((T - 1) * P + (T - 1) * T // 2)  # token t of the completion attends to P + t keys
+        return (3.0 if train else 1.0) * (self.sequences(prompts, P) + self.forward(rows * (T - 1), keys))
 
 
 class Meter:

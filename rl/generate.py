@@ -33,18 +33,19 @@ def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise each distinct prompt once, prepend bos where the tokenizer has one, left-pad."""
-    unique = list(dict.fromkeys(prompts))
-    encoded = tokenizer(unique, add_special_tokens=False)["input_ids"]
+    index: dict[str, int] = {}
+    which = [index.setdefault(p, len(index)) for p in prompts]  # row -> its distinct prompt
+    encoded = tokenizer(list(index), add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    by_prompt = {p: bos + ids for p, ids in zip(unique, encoded)}
-    rows = [by_prompt[p] for p in prompts]
+    rows = [bos + ids for ids in encoded]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
+    rows_of = torch.tensor(which)  # one padded copy per distinct prompt, gathered to the rows in one go
+    return ids[rows_of].to(device), mask[rows_of].to(device)
 
 
 def encode_completions(
@@ -66,6 +67,45 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def distinct_rows(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the rows of `parts` side by side: one representative row index per distinct row, and for each row the
+    index of its distinct row (so `x[rep][row_of]` equals `x`)."""
+    _, row_of = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)
+    rep = row_of.new_empty(int(row_of.max()) + 1).scatter_(0, row_of, torch.arange(len(row_of), device=row_of.device))
+    return rep, row_of
+
+
+def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Run each distinct prompt once and fan its KV cache out to every row that shares it (a group of G samples
+    shares one prompt). Returns the cache, now one entry per row, and the logits of the token after each prompt,
+    (B, 1, V). The fan-out is an index_select: gradients of the copies sum into the one prompt pass."""
+    rep, row_of = distinct_rows(prompt_ids, prompt_mask)
+    if len(rep) == len(row_of):  # nothing shared (an eval batch): run the rows as they are
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                    use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[:, -1:, :]
+    mask = prompt_mask[rep]
+    out = model(input_ids=prompt_ids[rep], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                logits_to_keep=1)
+    out.cache.reorder_cache(row_of)
+    return out.cache, out.logits[:, -1:, :].index_select(0, row_of)
+
+
+def _logits_sharing_prompts(model, batch: Batch) -> torch.Tensor:
+    """Logits at the completion positions, (B, T, V), with each distinct prompt run once; the last completion token
+    is not fed (it predicts nothing)."""
+    # under DDP the prompt pass runs on the bare module: its gradients reach the parameters through the one
+    # backward of the wrapped completion pass, so each parameter's reduction hook still fires once
+    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    cache, logits = _prefill_distinct(bare, batch.prompt_ids, batch.prompt_mask)
+    if batch.completion_ids.shape[1] > 1:
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
+        rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask,
+                     position_ids=_positions(mask)[:, batch.prompt_ids.shape[1] :], cache=cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], dim=1)
+    return logits
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -75,14 +115,23 @@ def sample(
     temperature: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    dedupe: bool = True,
 ) -> Batch:
-    """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos."""
+    """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos.
+
+    With `dedupe`, each distinct prompt is prefilled once and its KV cache copied to its rows: the same samples
+    for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = prompt_ids.shape
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1, :]
+    if dedupe:
+        cache, logits = _prefill_distinct(model, prompt_ids, prompt_mask)
+        logits = logits[:, -1, :]
+    else:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                    use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1, :]
     mask, pos = prompt_mask, _positions(prompt_mask)[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -114,17 +163,37 @@ def sample(
 
 
 def completion_logprobs(
-    model: PreTrainedModel, batch: Batch, temperature: float = 1.0, with_entropy: bool = False
+    model: PreTrainedModel,
+    batch: Batch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    dedupe: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T); optionally the per-token entropy."""
-    ids, mask = batch.input_ids, batch.attention_mask
+    """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T); optionally the per-token entropy.
+
+    With `dedupe`, identical rows (the same prompt and completion, common within a group) are computed once, each
+    distinct prompt goes through the model once with its KV cache copied to the completions that follow it, and
+    the last completion token, which predicts nothing, is not fed: the same values and gradients (copies sum
+    through index_select) for a fraction of the FLOPs (`FlopModel.logprobs(batch, dedupe=True)`). Worth it where
+    rows repeat a prompt (GRPO groups); plain batches of distinct rows (SFT) run faster without."""
     T = batch.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=T + 1).logits
-    logits = logits[:, :-1, :].float() / temperature
+    row_of = None
+    if dedupe:
+        rep, row_of = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        batch = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
+                      batch.completion_mask[rep], [])
+        logits = _logits_sharing_prompts(model, batch).float() / temperature
+    else:
+        ids, mask = batch.input_ids, batch.attention_mask
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=T + 1).logits
+        logits = logits[:, :-1, :].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, batch.completion_ids[..., None]).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if row_of is not None:  # back to one row per sample
+        logp = logp.index_select(0, row_of)
+        entropy = entropy.index_select(0, row_of) if entropy is not None else None
     return logp, entropy

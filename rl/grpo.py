@@ -55,6 +55,9 @@ class GRPOConfig(BaseModel):
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
+    verify_own_errors: bool = Field(
+        True, description="A wrong answer to check is one the group itself sampled, where it has one (else perturbed)."
+    )
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
@@ -184,7 +187,11 @@ def train_grpo(
                     if want_correct and not ok:
                         shown[i] = p.solution
                     elif not want_correct and ok:
-                        shown[i] = corrupt(shown[i].strip(), rng)
+                        # the hardest wrong answers are the model's own: its group's mistakes, where it made some
+                        start = i - i % G
+                        own = [solve.texts[j] for j in range(start, start + G) if not correct[j]]
+                        own = [t for t in own if task.extract(t) is not None] if cfg.verify_own_errors else []
+                        shown[i] = rng.choice(own) if own else corrupt(shown[i].strip(), rng)
             truth = [task.is_correct(p, c) for p, c in zip(rows, shown)]
             with meter.phase("verify_rollout"):
                 verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
@@ -204,15 +211,14 @@ def train_grpo(
         old, ref = {}, {}
         with torch.no_grad():
             for name, b, _, _ in batches:
-                rows_, length = b.input_ids.shape
                 if cfg.num_iterations > 1:
                     with meter.phase("policy"):
-                        old[name] = completion_logprobs(model, b, cfg.temperature)[0]
-                    meter.add("policy", fm.sequences(rows_, length))
+                        old[name] = completion_logprobs(model, b, cfg.temperature, dedupe=True)[0]
+                    meter.add("policy", fm.logprobs(b, dedupe=True))
                 if cfg.beta > 0 and ref_model is not None:
                     with meter.phase("reference"):
-                        ref[name] = completion_logprobs(ref_model, b, cfg.temperature)[0]
-                    meter.add("reference", fm.sequences(rows_, length))
+                        ref[name] = completion_logprobs(ref_model, b, cfg.temperature, dedupe=True)[0]
+                    meter.add("reference", fm.logprobs(b, dedupe=True))
 
         # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify + verify_sft_coef * L_check
         metrics: dict[str, float] = {}
@@ -220,7 +226,8 @@ def train_grpo(
             with meter.phase("policy"):
                 total = torch.zeros((), device=device)
                 for name, b, adv, coef in batches:
-                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True)
+                    # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
+                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg)
                     total = total + coef * loss
@@ -230,7 +237,7 @@ def train_grpo(
                     metrics[prefix + "clip_frac"] = stats["clip_frac"]
                     metrics[prefix + "kl"] = stats["kl"]
                     metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                    meter.add("policy", fm.sequences(*b.input_ids.shape, train=True))
+                    meter.add("policy", fm.logprobs(b, train=True, dedupe=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and cfg.verify_sft_coef > 0:
                     logp, _ = completion_logprobs(net, check)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rl.accounting import FlopModel
-from rl.generate import sample
+from rl.generate import completion_logprobs, sample
 from rl.model import ModelConfig, load_model
 
 
@@ -28,3 +28,22 @@ def test_analytic_flops_match_flop_counter(attn):
     assert fc.get_total_flops() == pytest.approx(fm.generation(batch), rel=0.15)
     if attn == "eager":  # every matmul, attention included, is visible to the counter: the match is tight
         assert fc.get_total_flops() == pytest.approx(fm.generation(batch), rel=0.01)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_deduplicated_logprobs_flops_match_flop_counter(train):
+    """GRPO groups repeat a prompt G times (and often a completion): counted as computed, once each."""
+    model, tok = load_model(ModelConfig(size="micro"), seed=0)
+    model.config._attn_implementation = "eager"
+    fm = FlopModel.of(model)
+    batch = sample(model, tok, ["12+34=", "7*8=", "5+5="] * 4, max_new_tokens=6,
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, _ = completion_logprobs(model, batch)
+    with FlopCounterMode(display=False) as fc:
+        logp, _ = completion_logprobs(model, batch, dedupe=True)
+        if train:
+            (logp * batch.completion_mask).sum().backward()
+    assert torch.allclose(logp.detach(), plain, atol=1e-5)  # the same values, fewer FLOPs
+    assert fc.get_total_flops() == pytest.approx(fm.logprobs(batch, train=train, dedupe=True), rel=0.05)
+    assert fm.logprobs(batch, train=train, dedupe=True) < 0.6 * fm.logprobs(batch, train=train)

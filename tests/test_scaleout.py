@@ -188,9 +188,8 @@ def test_two_separate_sweep_commands_share_one_study(postgres, server, tmp_path)
     cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "sweep", config, "--trials", "4",
            "--storage", storage, "--study", "pg-cli"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    # the experiment exists already, as a team's would: two commands that both find it missing race to create it
-    # (tracking.run.experiment_id: get, then create), and the slower one fails with RESOURCE_ALREADY_EXISTS
-    MlflowClient(server).create_experiment("pg-cli")
+    # the experiment does not exist yet: both commands race to create it (tracking.run.experiment_id), and both
+    # must end up in the same one
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = []

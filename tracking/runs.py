@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from mlflow.entities import RunStatus, ViewType
 from mlflow.tracking import MlflowClient
+
+from tracking.spool import SyncResult, sync_spool
 
 
 def experiment_ids(client: MlflowClient, names: list[str] | None = None) -> list[str]:
@@ -47,3 +50,12 @@ def list_runs(client: MlflowClient, names: list[str] | None = None) -> list[dict
             "cost_usd": m.get("cost/usd"), "accuracy": m.get("eval/accuracy"),
         })
     return rows
+
+
+def sync(spool_dir: str | Path, uri: str | None = None) -> SyncResult:
+    """Deliver what runs spooled while their store was down (`<tracking root>/spool/*.jsonl`: metrics, tags,
+    small artifacts, final status) to `uri`, else to the store each file was written for. A file is removed only
+    once the store took all of it; one that fails stays for the next sync and is listed in `failed`. A run that
+    `reconcile` marked KILLED meanwhile gets its real final status (and loses the `reconciled` tag)."""
+    return sync_spool(spool_dir, uri)
+

@@ -96,7 +96,7 @@ class Spool:
                 lines.append({"kind": "run", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
                               "created": time.time()})
             lines += records
-            data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in lines).encode()
+            data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines).encode()
             view = memoryview(data)
             while view:  # one write is the rule; loop only for a short write
                 view = view[os.write(fd, view):]
@@ -133,7 +133,8 @@ class SyncResult:
     metrics: int = 0  # metric values delivered
 
 
-def _deliver(client, run_id: str, record: dict[str, Any]) -> int:
+def deliver(client, run_id: str, record: dict[str, Any]) -> int:
+    """Send one spool record to the store (the same records a live run sends when the store is back)."""
     from mlflow.entities import Metric, RunTag
 
     kind = record.get("kind")
@@ -178,7 +179,7 @@ def sync_file(path: str | Path, uri: str | None = None,
             return 0
         header, records = read_spool(path)
         client = client_factory(uri or header["tracking_uri"])
-        delivered = sum(_deliver(client, header["run_id"], r) for r in records)
+        delivered = sum(deliver(client, header["run_id"], r) for r in records)
         path.unlink()
     _fsync_dir(path.parent)
     return delivered
