@@ -1,6 +1,6 @@
 """rlscale's GRPO vs Hugging Face TRL's GRPOTrainer on the same work (run by hand; needs `pip install -e '.[bench]'`).
 
-    python benchmarks/vs_trl.py            # full run (~20 min on a shared 2-core CPU)
+    python benchmarks/vs_trl.py            # full run (~8 min on a quiet 2-core CPU)
     python benchmarks/vs_trl.py --quick    # smoke run (~3 min)
 
 Same starting weights (a short rlscale SFT warm-start of a tiny Llama, saved to a local directory that both load),
@@ -89,16 +89,9 @@ def _summary(step_ends: list[tuple[float, float]], t0: tuple[float, float], warm
 
 # ---------------------------------------------------------------- worker: rlscale
 def run_rlscale(job: dict) -> dict:
-    import functools
-
-    from rl import grpo
     from rl.accounting import FlopModel, Meter
     from rl.grpo import GRPOConfig, train_grpo
     from rl.model import save_model
-
-    if job["side"] == "rlscale_dedupe":  # train_grpo does not pass dedupe yet (its FLOP accounting would be off)
-        grpo.sample = functools.partial(grpo.sample, dedupe=True)
-        grpo.completion_logprobs = functools.partial(grpo.completion_logprobs, dedupe=True)
 
     task = _task()
     model, tok = _load(job["model_dir"])
@@ -248,10 +241,8 @@ def spread(xs: list[float]) -> dict:
 
 
 SIDES = {
-    "rlscale": "rlscale train_grpo as it is",
-    "rlscale_dedupe": "rlscale train_grpo with dedupe=True in sample and completion_logprobs: each distinct prompt "
-    "run once (its KV cache copied to its G rows), identical rows scored once; same samples and gradients. Not yet "
-    "the default: the FLOP accounting counts a prompt pass per row",
+    "rlscale": "rlscale train_grpo (each distinct prompt prefilled once, its KV cache shared by its G rows; "
+    "identical rows scored once)",
     "trl": "TRL GRPOTrainer (transformers generate, gradient checkpointing off)",
 }
 

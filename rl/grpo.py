@@ -55,9 +55,6 @@ class GRPOConfig(BaseModel):
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
-    verify_own_errors: bool = Field(
-        True, description="A wrong answer to check is one the group itself sampled, where it has one (else perturbed)."
-    )
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
@@ -187,11 +184,7 @@ def train_grpo(
                     if want_correct and not ok:
                         shown[i] = p.solution
                     elif not want_correct and ok:
-                        # the hardest wrong answers are the model's own: its group's mistakes, where it made some
-                        start = i - i % G
-                        own = [solve.texts[j] for j in range(start, start + G) if not correct[j]]
-                        own = [t for t in own if task.extract(t) is not None] if cfg.verify_own_errors else []
-                        shown[i] = rng.choice(own) if own else corrupt(shown[i].strip(), rng)
+                        shown[i] = corrupt(shown[i].strip(), rng)
             truth = [task.is_correct(p, c) for p, c in zip(rows, shown)]
             with meter.phase("verify_rollout"):
                 verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],

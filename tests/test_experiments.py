@@ -189,8 +189,9 @@ def test_shipped_configs_validate(config):
     assert cfg.name
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sweep"], ["grid"], ["ui"], ["config", "show"],
-                                     ["config", "schema"], ["runs", "list"], ["runs", "reconcile"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["sweep"], ["grid"], ["ui"], ["fit"], ["cost"], ["report"],
+                                     ["config", "show"], ["config", "schema"], ["runs", "list"],
+                                     ["runs", "reconcile"], ["runs", "sync"]])
 def test_every_command_has_help_with_examples(command):
     out = CliRunner().invoke(app, [*command, "--help"])
     assert out.exit_code == 0
