@@ -22,7 +22,7 @@ demo: venv outputs/demo/final/final
 
 outputs/demo/final/final:
 	$(BIN)/rlscale grid experiments/demo.toml
-	$(BIN)/rlscale sweep experiments/demo.toml --set grpo.eval_every=10
+	$(BIN)/rlscale sweep experiments/demo.toml --set grpo.eval_every=10 --workers 2
 	$(BIN)/rlscale train experiments/demo.toml --set tracking.phase=final --set output_dir=outputs/demo/final
 
 test: venv

@@ -7,14 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import sqlalchemy
 import sqlalchemy.exc
 from mlflow.entities import RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.tracking import MlflowClient
 
-from tracking.run import tracking_uri
+from tracking.run import probe_database, tracking_uri
 
 CORE_COLUMNS = ["run_id", "experiment", "run_name", "status", "fate", "start_time", "end_time", "parent_run_id"]
 FATES = ("finished", "failed", "killed", "pruned", "running")
@@ -42,7 +41,7 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, *, p
     conditions = [_tag_condition(k, v) for k, v in wanted.items()]
     uri = tracking_uri(uri, Path(root))
     try:
-        _probe_database(uri)
+        probe_database(uri)
         client = MlflowClient(uri)
         names = _experiment_names(client, experiments)
         runs = []
@@ -65,7 +64,7 @@ def metric_history(run_id: str, key: str, uri: str | None = None, root: str | Pa
     """Every logged value of metric `key` of a run: step, timestamp (UTC) and value, in step order."""
     uri = tracking_uri(uri, Path(root))
     try:
-        _probe_database(uri)
+        probe_database(uri)
         history = MlflowClient(uri).get_metric_history(run_id, key)
     except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise _store_error(uri, e) from None
@@ -79,21 +78,6 @@ def _core(run, names: dict[str, str]) -> dict:
     return {"run_id": info.run_id, "experiment": names[info.experiment_id], "run_name": info.run_name,
             "status": info.status, "fate": "pruned" if tags.get("pruned") == "true" else _FATE_OF_STATUS[info.status],
             "start_time": info.start_time, "end_time": info.end_time, "parent_run_id": tags.get("mlflow.parentRunId")}
-
-
-def _probe_database(uri: str, timeout: int = 5) -> None:
-    """Connect once to a database store (PostgreSQL, MySQL, MSSQL): MLflow itself retries an unreachable
-    database for about 100 s before it gives up, where a reader wants one clear error at once."""
-    dialect = uri.split(":", 1)[0].split("+", 1)[0]
-    if dialect not in ("postgresql", "mysql", "mssql"):
-        return
-    args = {"connect_timeout": timeout} if dialect in ("postgresql", "mysql") else {}
-    engine = sqlalchemy.create_engine(uri, connect_args=args)
-    try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
 
 
 def _experiment_names(client: MlflowClient, experiments: list[str] | None) -> dict[str, str]:

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
 from experiments.config import ExperimentConfig, load_config
 from experiments.runner import run_experiment
-from tracking.run import tracking_uri
+from tracking.run import open_client
 
 
 @dataclass
@@ -49,7 +47,7 @@ def grid_points(config: str, overrides: list[str]) -> list[GridPoint]:
 
 def finished_ids(cfg: ExperimentConfig) -> set[str]:
     """`grid.id` of the runs of this experiment that FINISHED."""
-    client = MlflowClient(tracking_uri(cfg.tracking.uri, Path(cfg.tracking.root)))
+    client = open_client(cfg.tracking.uri, Path(cfg.tracking.root))
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
         return set()

@@ -7,7 +7,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 
 from experiments.config import ExperimentConfig
 from rl.accounting import Callback
@@ -15,7 +14,7 @@ from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
 from rl.pipeline import RunResult, check_inputs, run_pipeline
 from tracking.cost import device_key, load_prices
-from tracking.run import TrackedRun, flatten, masked, tracking_uri
+from tracking.run import TrackedRun, flatten, masked, open_client
 
 
 class Fanout:
@@ -57,7 +56,7 @@ def run_experiment(
         "device.count": str(world * (torch.get_num_threads() if device.type == "cpu" else 1)), "world_size": str(world),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
     } | (tags or {})
-    client = MlflowClient(tracking_uri(cfg.tracking.uri, root))
+    client = open_client(cfg.tracking.uri, root)
     run_name = run_name or f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
     # a run resumed from a checkpoint continues the MLflow run that wrote it (no step is counted twice)
     id_file = Path(cfg.output_dir) / "mlflow_run_id"

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from experiments.config import ExperimentConfig, SearchDim, load_config
 from experiments.runner import run_experiment
-from tracking.run import experiment_id, tracking_uri
+from tracking.run import experiment_id, open_client
 
 PARENT_ATTR = "mlflow_parent_run_id"
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -142,7 +143,8 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
     return run_trial
 
 
-def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int) -> None:
+def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int, threads: int) -> None:
+    torch.set_num_threads(threads)  # the workers share the machine's cores instead of each taking all of them
     cfg = load_config(spec.config, spec.overrides)
     study = open_study(cfg, spec.storage, spec.study, worker)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,7 +199,7 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
     spec = SweepSpec(config, list(overrides), storage or storage_url(cfg), study_name or cfg.sweep.study
                      or f"{cfg.name}-sweep", total)
     study = open_study(cfg, spec.storage, spec.study)
-    client = MlflowClient(tracking_uri(cfg.tracking.uri, Path(cfg.tracking.root)))
+    client = open_client(cfg.tracking.uri, Path(cfg.tracking.root))
     parent_id = parent_run(client, cfg, study)
     done = len(study.get_trials(deepcopy=False, states=DONE))
     remaining = max(0, total - done)
@@ -215,7 +217,8 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
                            callbacks=[report])
         else:
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i), daemon=True)
+            threads = max(1, torch.get_num_threads() // workers)
+            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i, threads), daemon=True)
                      for i, n in enumerate(shares) if n]
             for p in procs:
                 p.start()

@@ -122,6 +122,36 @@ def tracking_uri(uri: str | None = None, root: Path = DEFAULT_ROOT) -> str:
     return uri
 
 
+def probe_database(uri: str, timeout: int = 5) -> None:
+    """Connect once to a database store (PostgreSQL, MySQL, MSSQL) and raise SQLAlchemy's error if it does not
+    answer: MLflow itself retries an unreachable database for about 100 s before it gives up."""
+    import sqlalchemy
+
+    dialect = uri.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql", "mssql"):
+        return
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout} if dialect != "mssql" else {})
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def open_client(uri: str | None = None, root: Path = DEFAULT_ROOT, wait: float | None = None) -> MlflowClient:
+    """A client of the store `tracking_uri(uri, root)`; a database store that does not answer within `wait` seconds
+    (default STORE_WAIT_SECONDS) is a StoreError, before anything starts."""
+    uri = tracking_uri(uri, root)
+    wait = STORE_WAIT_SECONDS if wait is None else wait
+    try:
+        retry(probe_database, uri, wait=wait)
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        raise StoreError(f"tracking store {safe_uri(uri)} unreachable (waited {wait:g} s): {_first_line(e)}") from e
+    return MlflowClient(uri)
+
+
 def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) -> str:
     """The id of experiment `name`, created (artifacts under `<root>/artifacts/`) when missing; safe when
     several processes create it at once."""

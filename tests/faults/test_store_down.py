@@ -227,3 +227,20 @@ def test_cli_server_down_at_start_is_one_error_line(tmp_path, monkeypatch):
                                 env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "unreachable" in lines[0], result.output
+
+
+def test_cli_database_down_at_start_is_one_error_line_at_once(tmp_path, monkeypatch):
+    """A PostgreSQL store that does not answer: MLflow alone would retry it for ~100 s; the probe says so at once."""
+    pytest.importorskip("psycopg")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"postgresql://rlscale:hunter2@127.0.0.1:{s.getsockname()[1]}/mlflow"
+    monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 0.5)
+    args = [a for s in TINY + [f"output_dir={tmp_path / 'out'}"] for a in ("--set", s)]
+    (tmp_path / "c.toml").write_text("")
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.toml"), *args], env={"MLFLOW_TRACKING_URI": url})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "unreachable" in lines[0], result.output
+    assert "hunter2" not in result.output and time.monotonic() - t0 < 20
+    assert not (tmp_path / "out").exists()
