@@ -216,30 +216,22 @@ def test_server_down_at_start_fails_before_training(tmp_path, monkeypatch):
     assert recorder.logs == [] and not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
-def test_cli_server_down_at_start_is_one_error_line(tmp_path, monkeypatch):
-    with socket.socket() as s:
+@pytest.mark.parametrize("scheme", ["http", "postgresql"])
+def test_cli_store_down_at_start_is_one_error_line_at_once(scheme, tmp_path, monkeypatch):
+    """An MLflow server or a PostgreSQL store that does not answer: one error line, exit 2, nothing trained. For
+    the database, MLflow alone would retry for ~100 s; `open_client` probes it first."""
+    if scheme == "postgresql":
+        pytest.importorskip("psycopg")
+    with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 0.5)
-    args = [a for s in TINY + [f"output_dir={tmp_path / 'out'}"] for a in ("--set", s)]
-    (tmp_path / "c.toml").write_text("")
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.toml"), *args],
-                                env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1 and "unreachable" in lines[0], result.output
-
-
-def test_cli_database_down_at_start_is_one_error_line_at_once(tmp_path, monkeypatch):
-    """A PostgreSQL store that does not answer: MLflow alone would retry it for ~100 s; the probe says so at once."""
-    pytest.importorskip("psycopg")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"postgresql://rlscale:hunter2@127.0.0.1:{s.getsockname()[1]}/mlflow"
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}" if scheme == "http" else f"postgresql://rlscale:hunter2@127.0.0.1:{port}/mlflow"
     monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 0.5)
     args = [a for s in TINY + [f"output_dir={tmp_path / 'out'}"] for a in ("--set", s)]
     (tmp_path / "c.toml").write_text("")
     t0 = time.monotonic()
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.toml"), *args], env={"MLFLOW_TRACKING_URI": url})
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.toml"), *args],
+                                env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "unreachable" in lines[0], result.output
     assert "hunter2" not in result.output and time.monotonic() - t0 < 20
