@@ -42,8 +42,7 @@ def verdict_reward(verdict_text: str, truth: bool) -> float:
 
 
 def corrupt(text: str, rng: random.Random) -> str:
-    """A wrong answer: (1 in 5) a character dropped or added; else half the time one digit off by one (a near miss,
-    the error a solver makes), half the time each digit changed with odds 0.6 (at least one)."""
+    """A wrong answer: each digit changed with odds 0.6 (at least one), or (1 in 5) a character dropped or added."""
     digits = [i for i, c in enumerate(text) if c.isdigit()]
     if not digits or rng.random() < 0.2:
         if len(text) < 2 or rng.random() < 0.5:
@@ -52,10 +51,6 @@ def corrupt(text: str, rng: random.Random) -> str:
         i = rng.randrange(len(text))
         return text[:i] + text[i + 1 :]
     chars = list(text)
-    if rng.random() < 0.5:  # a near miss, like a dropped carry: one digit off by one
-        i = rng.choice(digits)
-        chars[i] = str((int(chars[i]) + rng.choice([1, -1])) % 10)
-        return "".join(chars)
     changed = [i for i in digits if rng.random() < 0.6] or [rng.choice(digits)]  # most digits: no "all equal" prior
     for i in changed:
         chars[i] = rng.choice([d for d in "0123456789" if d != chars[i]])
