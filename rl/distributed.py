@@ -36,6 +36,12 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def per_rank_mean(count: float) -> float:
+    """The mean of `count` over ranks: the normaliser that makes a token-level mean over the global batch out of
+    each rank's sum once DistributedDataParallel averages the ranks' gradients (ranks hold unequal token counts)."""
+    return all_sum([float(count)])[0] / world() if world() > 1 else float(count)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any (so all ranks stop at the same step)."""
     return bool(all_sum([float(flag)])[0]) if world() > 1 else flag

@@ -52,6 +52,9 @@ class GRPOConfig(BaseModel):
     verify_sft_coef: float = Field(
         0.0, ge=0.0, description="Weight of a supervised loss on the program's check of the shown answers (0: off)."
     )
+    verify_trace_coef: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the verification reward that needs the check to equal the program's."
+    )
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
@@ -77,6 +80,7 @@ def grpo_loss(
     advantages: torch.Tensor,  # (B,) A_i, one per completion
     mask: torch.Tensor,  # (B, T) 1 on completion tokens
     cfg: GRPOConfig,
+    num_tokens: float | None = None,  # sum_i |o_i| for `dapo` (default: this batch's; under DDP: per-rank mean)
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO objective with optional k3 KL, aggregated as `cfg.loss_type`."""
     mask = mask.float()
@@ -91,7 +95,7 @@ def grpo_loss(
     if cfg.loss_type == "grpo":  # 1/G sum_i 1/|o_i| sum_t
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif cfg.loss_type == "dapo":  # 1/sum_i |o_i| sum_i sum_t
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = (per_token * mask).sum() / (num_tokens or mask.sum().clamp(min=1))
     else:  # dr_grpo: 1/(G * max_len) sum_i sum_t
         loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
     with torch.no_grad():
@@ -190,7 +194,9 @@ def train_grpo(
                 verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
                                 cfg.verify_max_new_tokens, cfg.temperature, generator=generator)
             meter.add("verify_rollout", fm.generation(verify))
-            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
+            v_rewards = torch.tensor([  # r_i = 1[verdict agrees with the verifier] (x 1[check is right], share c)
+                verdict_reward(v, ok, task.check_trace(p, c) if cfg.verify_trace_coef else None, cfg.verify_trace_coef)
+                for v, ok, p, c in zip(verify.texts, truth, rows, shown)])
             batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
                             cfg.verify_coef))
             meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),
@@ -222,7 +228,8 @@ def train_grpo(
                     # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
                     logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
-                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg)
+                    n_tok = distributed.per_rank_mean(b.completion_mask.sum().clamp(min=1))  # global batch
+                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok)
                     total = total + coef * loss
                     mask = b.completion_mask.float()
                     prefix = "train/" if name == "solve" else "train/verify_"
@@ -235,7 +242,7 @@ def train_grpo(
                 if cfg.self_verify and cfg.verify_sft_coef > 0:
                     logp, _ = completion_logprobs(net, check)
                     cmask = check.completion_mask.float()
-                    nll = -(logp * cmask).sum() / cmask.sum().clamp(min=1)  # L_check = -log p(program's check)
+                    nll = -(logp * cmask).sum() / distributed.per_rank_mean(cmask.sum().clamp(min=1))  # L_check
                     total = total + cfg.verify_sft_coef * nll
                     metrics["train/verify_sft_loss"] = nll.item()
                     meter.add("policy", fm.sequences(*check.input_ids.shape, train=True))

@@ -77,7 +77,8 @@ def train_sft(
             cids, cmask = encode_completions(tokenizer, [c for _, c in examples], device)
             batch = Batch(ids, mask, cids, cmask, [])
             logp, _ = completion_logprobs(net, batch)
-            loss = -(logp * cmask).sum() / cmask.sum()  # token-level negative log-likelihood
+            # token-level negative log-likelihood over the global batch (all ranks' tokens)
+            loss = -(logp * cmask).sum() / distributed.per_rank_mean(cmask.sum().clamp(min=1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

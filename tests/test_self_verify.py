@@ -8,7 +8,7 @@ import torch
 
 from rl.accounting import FlopModel, Meter
 from rl.evaluate import EvalConfig, evaluate
-from rl.self_verify import corrupt, p_yes, parse_verdict, sft_examples, split_trace, verify_prompt
+from rl.self_verify import corrupt, p_yes, parse_verdict, sft_examples, split_trace, verdict_reward, verify_prompt
 from rl.tasks import ArithmeticParams, CountdownParams, Problem, RecipeParams, make_task
 
 
@@ -18,6 +18,16 @@ def test_parse_verdict_and_split_trace():
     assert parse_verdict("yes no maybe") is None and parse_verdict("") is None
     assert split_trace("260088=,930122! no") == "260088=,930122!"
     assert split_trace("030033=") == "030033="
+
+
+def test_verdict_reward_with_and_without_the_check():
+    trace = "750123!,001015!"
+    assert verdict_reward(f"{trace} no", False) == 1.0 and verdict_reward(f"{trace} yes", False) == 0.0
+    assert verdict_reward("garbage no", False, trace) == 1.0  # trace_coef 0: the verdict alone counts
+    assert verdict_reward(f"{trace} no", False, trace, 1.0) == 1.0
+    assert verdict_reward("750123!,001011= no", False, trace, 1.0) == 0.0  # right verdict, wrong check
+    assert verdict_reward("750123!,001011= no", False, trace, 0.25) == 0.75
+    assert verdict_reward(f"{trace} yes", False, trace, 1.0) == 0.0  # right check, wrong verdict
 
 
 def test_arithmetic_check_is_column_addition():
