@@ -52,9 +52,6 @@ class GRPOConfig(BaseModel):
     verify_sft_coef: float = Field(
         0.0, ge=0.0, description="Weight of a supervised loss on the program's check of the shown answers (0: off)."
     )
-    verify_trace_coef: float = Field(
-        0.0, ge=0.0, le=1.0, description="Share of the verification reward that needs the check to equal the program's."
-    )
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
@@ -194,9 +191,7 @@ def train_grpo(
                 verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
                                 cfg.verify_max_new_tokens, cfg.temperature, generator=generator)
             meter.add("verify_rollout", fm.generation(verify))
-            v_rewards = torch.tensor([  # r_i = 1[verdict agrees with the verifier] (x 1[check is right], share c)
-                verdict_reward(v, ok, task.check_trace(p, c) if cfg.verify_trace_coef else None, cfg.verify_trace_coef)
-                for v, ok, p, c in zip(verify.texts, truth, rows, shown)])
+            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
             batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
                             cfg.verify_coef))
             meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),

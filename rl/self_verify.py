@@ -36,16 +36,9 @@ def split_trace(text: str) -> str:
     return words[0] if len(words) == 2 and parse_verdict(words[1]) is not None else text.strip()
 
 
-def verdict_reward(verdict_text: str, truth: bool, expected_trace: str | None = None, trace_coef: float = 0.0) -> float:
-    """1 when the model's verdict agrees with the program verifier, else 0.
-
-    With `trace_coef` c > 0, a share c of that reward also needs the written check to equal the program's check
-    (`expected_trace`): a right verdict reached by a wrong check earns 1 - c (a process reward)."""
-    if parse_verdict(verdict_text) != truth:
-        return 0.0
-    if trace_coef <= 0 or expected_trace is None:
-        return 1.0
-    return 1.0 - trace_coef + trace_coef * float(split_trace(verdict_text).strip() == expected_trace)
+def verdict_reward(verdict_text: str, truth: bool) -> float:
+    """1 when the model's verdict agrees with the program verifier, else 0."""
+    return 1.0 if parse_verdict(verdict_text) == truth else 0.0
 
 
 def corrupt(text: str, rng: random.Random) -> str:

@@ -20,14 +20,9 @@ def test_parse_verdict_and_split_trace():
     assert split_trace("030033=") == "030033="
 
 
-def test_verdict_reward_with_and_without_the_check():
-    trace = "750123!,001015!"
-    assert verdict_reward(f"{trace} no", False) == 1.0 and verdict_reward(f"{trace} yes", False) == 0.0
-    assert verdict_reward("garbage no", False, trace) == 1.0  # trace_coef 0: the verdict alone counts
-    assert verdict_reward(f"{trace} no", False, trace, 1.0) == 1.0
-    assert verdict_reward("750123!,001011= no", False, trace, 1.0) == 0.0  # right verdict, wrong check
-    assert verdict_reward("750123!,001011= no", False, trace, 0.25) == 0.75
-    assert verdict_reward(f"{trace} yes", False, trace, 1.0) == 0.0  # right check, wrong verdict
+def test_verdict_reward_is_agreement_with_the_verifier():
+    assert verdict_reward("750123!,001015! no", False) == 1.0 and verdict_reward("750123!,001015! yes", False) == 0.0
+    assert verdict_reward("030033= yes", True) == 1.0 and verdict_reward("030033=", True) == 0.0
 
 
 def test_arithmetic_check_is_column_addition():

@@ -84,3 +84,19 @@ def test_resume_gives_identical_next_steps(tmp_path, make_recorder):
         assert mb["compute/flops/reference"] > 0  # beta > 0 runs the reference forward
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_check_loss_teaches_the_programs_check(recorder):
+    """grpo.verify_sft_coef: teacher-forcing the program's check of the shown answers lowers its loss (with the
+    RL verdict loss switched off, nothing else trains the check), and its tokens are counted as trained."""
+    model, tok = load_model(ModelConfig(size="nano"), seed=0)
+    task = make_task(ArithmeticParams(digits=1))
+    cfg = GRPOConfig(steps=40, prompts_per_step=8, num_generations=2, max_new_tokens=3, verify_max_new_tokens=20,
+                     learning_rate=3e-3, verify_coef=0.0, verify_sft_coef=1.0)
+    meter = Meter(FlopModel.of(model))
+    train_grpo(model, tok, task, cfg, seed=0, meter=meter, callback=recorder)
+    loss = recorder.series("train/verify_sft_loss")
+    assert len(loss) == 40 and sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5, (loss[:5], loss[-5:])
+    # mu = 1: the sampled solve and verify tokens are trained once each, and the check's tokens on top
+    m = recorder.logs[-1][1]
+    assert m["data/tokens/trained"] > m["data/tokens/generated"]
