@@ -78,6 +78,7 @@ def grpo_loss(
     mask: torch.Tensor,  # (B, T) 1 on completion tokens
     cfg: GRPOConfig,
     num_tokens: float | None = None,  # sum_i |o_i| for `dapo` (default: this batch's; under DDP: per-rank mean)
+    max_len: int | None = None,  # L for `dr_grpo`: the configured longest completion (default: this batch's width)
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO objective with optional k3 KL, aggregated as `cfg.loss_type`."""
     mask = mask.float()
@@ -93,8 +94,8 @@ def grpo_loss(
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif cfg.loss_type == "dapo":  # 1/sum_i |o_i| sum_i sum_t
         loss = (per_token * mask).sum() / (num_tokens or mask.sum().clamp(min=1))
-    else:  # dr_grpo: 1/(G * max_len) sum_i sum_t
-        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    else:  # dr_grpo: 1/(G * L) sum_i sum_t, L a constant
+        loss = (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - cfg.epsilon_low) & (A < 0)) | ((ratio > 1 + cfg.epsilon_high) & (A > 0))
@@ -224,7 +225,8 @@ def train_grpo(
                     logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     n_tok = distributed.per_rank_mean(b.completion_mask.sum().clamp(min=1))  # global batch
-                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok)
+                    max_len = cfg.max_new_tokens if name == "solve" else cfg.verify_max_new_tokens
+                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok, max_len)
                     total = total + coef * loss
                     mask = b.completion_mask.float()
                     prefix = "train/" if name == "solve" else "train/verify_"

@@ -43,6 +43,8 @@ def test_clipped_loss_by_hand_each_aggregation():
     assert float(dapo) == pytest.approx((sum(tokens[0]) + sum(tokens[1])) / 5)
     dr, _ = grpo_loss(logp, old, None, adv, mask, cfg.model_copy(update={"loss_type": "dr_grpo"}))
     assert float(dr) == pytest.approx((sum(tokens[0]) + sum(tokens[1])) / (2 * 3))
+    dr, _ = grpo_loss(logp, old, None, adv, mask, cfg.model_copy(update={"loss_type": "dr_grpo"}), max_len=8)
+    assert float(dr) == pytest.approx((sum(tokens[0]) + sum(tokens[1])) / (2 * 8))  # a constant L, not the width
 
 
 def test_kl_term_k3():
