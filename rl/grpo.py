@@ -201,9 +201,12 @@ def train_grpo(
                 targets = [f"{task.check_trace(p, c)} {YES if ok else NO}" for p, c, ok in zip(rows, shown, truth)]
                 check = Batch(*encode_prompts(tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
                                               device), *encode_completions(tokenizer, targets, device), targets)
+                check_tokens = distributed.per_rank_mean(check.completion_mask.sum().clamp(min=1))
 
         # 3. log-probs of the sampling policy (only needed when mu > 1) and of the reference (only when beta > 0)
         old, ref = {}, {}
+        # completion tokens per batch, as the mean over ranks: token-level losses then average the global batch
+        n_tok = {name: distributed.per_rank_mean(b.completion_mask.sum().clamp(min=1)) for name, b, _, _ in batches}
         with torch.no_grad():
             for name, b, _, _ in batches:
                 if cfg.num_iterations > 1:
@@ -224,9 +227,9 @@ def train_grpo(
                     # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
                     logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
-                    n_tok = distributed.per_rank_mean(b.completion_mask.sum().clamp(min=1))  # global batch
                     max_len = cfg.max_new_tokens if name == "solve" else cfg.verify_max_new_tokens
-                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok, max_len)
+                    loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok[name],
+                                            max_len)
                     total = total + coef * loss
                     mask = b.completion_mask.float()
                     prefix = "train/" if name == "solve" else "train/verify_"
@@ -239,7 +242,7 @@ def train_grpo(
                 if cfg.self_verify and cfg.verify_sft_coef > 0:
                     logp, _ = completion_logprobs(net, check)
                     cmask = check.completion_mask.float()
-                    nll = -(logp * cmask).sum() / distributed.per_rank_mean(cmask.sum().clamp(min=1))  # L_check
+                    nll = -(logp * cmask).sum() / check_tokens  # L_check = -log p(program's check)
                     total = total + cfg.verify_sft_coef * nll
                     metrics["train/verify_sft_loss"] = nll.item()
                     meter.add("policy", fm.sequences(*check.input_ids.shape, train=True))

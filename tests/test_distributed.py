@@ -51,8 +51,8 @@ def test_torchrun_two_ranks_sum_compute_and_log_once(tmp_path, monkeypatch):
     assert m["data/tokens/trained"] == pytest.approx(single.metrics["data/tokens/trained"], rel=0.1)
     assert m["compute/flops"] == pytest.approx(single.metrics["compute/flops"], rel=0.15)
     assert m["compute/flops/policy"] > 0 and m["compute/device_seconds"] > 0
-    # SFT is deterministic: 2 ranks with the same global batch reach the one-process weights (a per-rank token
-    # mean instead of the global one, as before, left them 1e-3 apart after 20 steps)
+    # SFT is deterministic: 2 ranks with the same global batch reach the one-process weights (each rank dividing
+    # by its own token count, as before, left them 1e-3 apart)
     two, one = (load_file(tmp_path / d / "sft" / "model.safetensors") for d in ("ddp", "one"))
     assert max(float((two[k] - one[k]).abs().max()) for k in one) < 1e-5
 
