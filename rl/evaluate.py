@@ -58,8 +58,8 @@ def _p_yes(model, tokenizer, prompts, traces, cfg: EvalConfig, meter: Meter) -> 
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i : i + cfg.batch_size]
         with meter.phase("eval"):
-            probs, length = p_yes(model, tokenizer, chunk, traces[i : i + cfg.batch_size])
-        meter.add("eval", meter.fm.sequences(2 * len(chunk), length))
+            probs, batch = p_yes(model, tokenizer, chunk, traces[i : i + cfg.batch_size])
+        meter.add("eval", meter.fm.logprobs(batch))
         out += probs.tolist()
     return out
 

@@ -130,7 +130,7 @@ def sample(
         logits = logits[:, -1, :]
     else:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                    use_cache=True)
+                    use_cache=True, logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1, :]
     mask, pos = prompt_mask, _positions(prompt_mask)[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)

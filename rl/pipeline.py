@@ -14,11 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rl import distributed
 from rl.accounting import Callback, FlopModel, Meter
+from rl.chat import for_model
 from rl.checkpoint import latest_checkpoint
 from rl.evaluate import EvalConfig, evaluate
 from rl.generate import sample
 from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, count_params, load_model, pick_device, save_model
+from rl.model import (
+    ModelConfig,
+    add_lora,
+    check_model_path,
+    count_params,
+    load_model,
+    merge_lora,
+    pick_device,
+    save_model,
+)
 from rl.sft import SFTConfig, train_sft
 from rl.tasks import ArithmeticParams, Problem, Task, TaskConfig, make_task
 
@@ -48,7 +58,8 @@ class RunResult:
     sft_metrics: dict[str, float]  # eval of the SFT checkpoint RL started from
     eval_table: list[dict] = field(default_factory=list)
     model_dir: Path | None = None
-    n_params: int = 0
+    n_params: int = 0  # the base model's parameters (LoRA adapters not included)
+    trainable_params: int = 0  # what the optimizer updates: every weight, or the LoRA adapters
     run_id: str | None = None  # set by the tracking layer
 
 
@@ -66,8 +77,11 @@ def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
         task = make_task(cfg.task)
         eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
         task.problems(1, "train", seed=cfg.seed)
-        if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a model directory (no config.json)")
+        if cfg.model.path:
+            check_model_path(cfg.model.path)
+        elif cfg.task.prompt_format == "chat":
+            raise ValueError("task.prompt_format = 'chat' needs a model with a chat template (model.path); "
+                             "the tiny character models use 'compact'")
         pick_device(cfg.model.device)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
@@ -82,18 +96,27 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     ckpt_dir = out / "checkpoints"
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    task, eval_problems = check_inputs(cfg)
-    try:
-        model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    check_inputs(cfg)
+    found = latest_checkpoint(ckpt_dir)
+    sft_dir = out / "sft"
+    rl_resume_lora = cfg.model.lora is not None and found is not None and found[0] == "rl"
+    try:  # LoRA resuming RL: the adapters are in the checkpoint, the SFT weights (merged) in sft_dir
+        model_cfg = cfg.model.model_copy(update={"path": str(sft_dir)}) if rl_resume_lora else cfg.model
+        model, tokenizer = load_model(model_cfg, seed=cfg.seed)
+        task = for_model(make_task(cfg.task), tokenizer)  # chat prompts for an instruct model's template
+        eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
+    n_params = count_params(model)
+    if cfg.model.lora is not None:
+        model = add_lora(model, cfg.model.lora, seed=cfg.seed)
+    n_trainable = count_params(model, trainable=True)
     device = next(model.parameters()).device
     distributed.setup(device)  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
     lead = distributed.rank() == 0  # evaluates, saves models and (in tracking) writes to MLflow
     # device-seconds count every core of a CPU run (the unit CPU time is priced in), every GPU of a GPU run;
     # under torchrun each rank counts its own and the meter sums them
     meter = Meter(FlopModel.of(model), devices=torch.get_num_threads() if device.type == "cpu" else 1)
-    found = latest_checkpoint(ckpt_dir)
 
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
         if not lead:
@@ -104,7 +127,6 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
         return metrics, table
 
     # 1. cold-start SFT (skipped when an RL checkpoint exists: its weights already include it)
-    sft_dir = out / "sft"
     if found is None or found[0] == "sft":
         check_problems = task.problems(200, "train", seed=-cfg.seed - 10**9)  # training split: no eval leakage
 
@@ -119,17 +141,21 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
         sft_metrics, _ = run_eval(eval_problems, sft_steps)
         sft_metrics["eval/sft_steps"] = float(sft_steps)
         callback.on_log(sft_steps, sft_metrics | meter.metrics())
+        model = merge_lora(model)  # LoRA: the SFT adapters folded into the weights; RL trains fresh ones on top
         if lead:
             _save_atomic(model, tokenizer, sft_dir)
             (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
+        if cfg.model.lora is not None:
+            model = add_lora(model, cfg.model.lora, seed=cfg.seed + 1)
         distributed.barrier()
     else:
         sft_metrics = json.loads((sft_dir / "eval.json").read_text())
     sft_steps = int(sft_metrics["eval/sft_steps"])
 
-    # 2. GRPO from the SFT checkpoint, against a frozen copy of it when beta > 0
+    # 2. GRPO from the SFT checkpoint, against a frozen copy of it when beta > 0 (with LoRA: the same weights
+    #    with the adapters switched off, no second copy)
     ref_model = None
-    if cfg.grpo.beta > 0:
+    if cfg.grpo.beta > 0 and cfg.model.lora is None:
         ref_model, _ = load_model(cfg.model.model_copy(update={"path": str(sft_dir)}), seed=cfg.seed)
         ref_model.eval().requires_grad_(False)
     quick = eval_problems[: cfg.grpo.eval_problems]
@@ -146,8 +172,8 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
         metrics["eval/rl_gain"] = metrics["eval/accuracy"] - sft_metrics["eval/accuracy"]
     metrics |= meter.metrics()
     callback.on_log(sft_steps + cfg.grpo.steps, metrics)
-    if lead:
-        _save_atomic(model, tokenizer, out / "final")
+    if lead:  # the final model as one plain HF folder (LoRA adapters merged)
+        _save_atomic(merge_lora(model), tokenizer, out / "final")
     distributed.barrier()
-    return RunResult(metrics, sft_metrics, table, out / "final", count_params(model))
+    return RunResult(metrics, sft_metrics, table, out / "final", n_params, n_trainable)
 

@@ -19,14 +19,14 @@ YES, NO = "yes", "no"
 
 
 def verify_prompt(task: Task, problem: Problem, completion: str) -> str:
-    """The prompt asking the model to judge one of its answers."""
-    return f"{problem.prompt}{task.answer_text(completion)} ok?"
+    """The prompt asking the model to judge one of its answers (the task's format: compact or chat)."""
+    return task.verify_prompt(problem, completion)
 
 
 def parse_verdict(text: str) -> bool | None:
-    """True for yes, False for no (the last word), None when the verdict is malformed."""
+    """True for yes, False for no (the last word, trailing punctuation and markup ignored), None when malformed."""
     words = text.split()
-    last = words[-1].lower() if words else ""
+    last = words[-1].lower().strip(".!*_`'\"") if words else ""
     return True if last == YES else False if last == NO else None
 
 
@@ -78,10 +78,10 @@ def sft_examples(
 @torch.no_grad()
 def p_yes(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str]
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, Batch]:
     """P(yes) / (P(yes) + P(no)) after each prompt and its check, by teacher-forcing both verdicts.
 
-    Also returns the padded length of the 2 x len(prompts) sequences it ran (for FLOP accounting)."""
+    Also returns the batch of 2 x len(prompts) sequences it ran (for FLOP accounting)."""
     device = next(model.parameters()).device
     both = prompts + prompts
     ids, mask = encode_prompts(tokenizer, both, device)
@@ -91,4 +91,4 @@ def p_yes(
     logp, _ = completion_logprobs(model, batch)
     seq = (logp * cmask).sum(-1)  # the shared trace tokens cancel in the difference
     yes, no = seq[: len(prompts)], seq[len(prompts) :]
-    return torch.sigmoid(yes - no), batch.input_ids.shape[1]
+    return torch.sigmoid(yes - no), batch

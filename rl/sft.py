@@ -58,7 +58,8 @@ def train_sft(
     With `cfg.target_accuracy`, `accuracy()` is checked every `cfg.check_every` steps and SFT stops once it
     reaches the target (RL starts from a model that still has room). Returns the number of steps run."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator().manual_seed(seed)
     state = load_checkpoint(ckpt_dir, "sft", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
@@ -88,7 +89,7 @@ def train_sft(
                 raise FloatingPointError(f"non-finite SFT loss or gradient at SFT step {step + 1} (loss {loss.item()})")
             optimizer.step()
             scheduler.step()
-        meter.add("sft", meter.fm.sequences(*batch.input_ids.shape, train=True))
+        meter.add("sft", meter.fm.logprobs(batch, train=True))
         meter.count(problems=len(problems) // distributed.world(), tokens_prompt=int(mask.sum()),
                     tokens_trained=int(cmask.sum()))
         metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}

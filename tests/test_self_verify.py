@@ -69,8 +69,8 @@ def test_p_yes_and_evaluate_on_a_tiny_model(nano):
     task = make_task(ArithmeticParams(digits=2))
     problems = task.problems(6, "eval", seed=0)
     prompts = [verify_prompt(task, p, p.solution) for p in problems]
-    probs, length = p_yes(model, tok, prompts, [task.check_trace(p, p.solution) for p in problems])
-    assert probs.shape == (6,) and torch.all((probs > 0) & (probs < 1)) and length > len(prompts[0])
+    probs, batch = p_yes(model, tok, prompts, [task.check_trace(p, p.solution) for p in problems])
+    assert probs.shape == (6,) and torch.all((probs > 0) & (probs < 1)) and batch.input_ids.shape[1] > len(prompts[0])
     meter = Meter(FlopModel.of(model))
     cfg = EvalConfig(problems=6, samples=4, max_new_tokens=4, verify_max_new_tokens=8)
     metrics, table = evaluate(model, tok, task, problems, cfg, meter, torch.Generator().manual_seed(0))

@@ -40,6 +40,17 @@ class ArithmeticTask(Task):
             key=f"{a}{op}{b}", prompt=prompt, solution=solution, data={"a": a, "b": b, "op": op, "result": result}
         )
 
+    def question(self, problem: Problem) -> str:
+        d = problem.data
+        return f"What is {d['a']} {'plus' if d['op'] == '+' else 'times'} {d['b']}?"
+
+    def answer(self, problem: Problem) -> str:
+        return str(problem.data["result"])
+
+    def explanation(self, problem: Problem) -> str:
+        d = problem.data
+        return f"{d['a']} {d['op']} {d['b']} = {d['result']}."
+
     def extract(self, completion: str) -> int | None:
         text = completion.strip()
         return int(text) if _INT.fullmatch(text) else None

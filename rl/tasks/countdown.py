@@ -128,6 +128,14 @@ class CountdownTask(Task):
             data={"numbers": numbers, "target": target},
         )
 
+    def question(self, problem: Problem) -> str:
+        numbers = ", ".join(map(str, problem.data["numbers"]))
+        return (f"Using the numbers {numbers} (each at most once) with +, -, *, / and parentheses, write an "
+                f"expression equal to {problem.data['target']}.")
+
+    def explanation(self, problem: Problem) -> str:
+        return f"{problem.solution} = {problem.data['target']}."
+
     def extract(self, completion: str) -> Expr | None:
         text = completion.strip()
         if not _ALLOWED.fullmatch(text):

@@ -74,7 +74,17 @@ class RecipeTask(Task):
             answer.append(f"{name} {fmt(per_serving * s2)}{unit}")
             scaled[name], units[name] = float(per_serving * s2), unit
         head = f"{s1}>{s2}:{','.join(given)}"
-        return Problem(key=head, prompt=f"{head}=", solution=",".join(answer), data={"scaled": scaled, "units": units})
+        return Problem(key=head, prompt=f"{head}=", solution=",".join(answer),
+                       data={"scaled": scaled, "units": units, "servings": (s1, s2), "given": given})
+
+    def question(self, problem: Problem) -> str:
+        s1, s2 = problem.data["servings"]
+        return (f"A recipe for {s1} servings uses {', '.join(problem.data['given'])}. Scale it to {s2} servings; "
+                "answer as comma-separated `name quantity+unit` parts in the same order, like `flour 300g,egg 2`.")
+
+    def explanation(self, problem: Problem) -> str:
+        s1, s2 = problem.data["servings"]
+        return f"Every quantity is multiplied by {s2}/{s1}."
 
     def extract(self, completion: str) -> dict[str, tuple[float, str]] | None:
         text = completion.strip()

