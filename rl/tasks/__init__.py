@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,11 @@ class TaskParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_reward: float = Field(0.1, ge=0.0, lt=1.0, description="Reward for a well-formed but wrong answer.")
     eval_percent: float = Field(10.0, gt=0.0, lt=100.0, description="Percent of the problem space held out for eval.")
+    prompt_format: Literal["auto", "compact", "chat"] = Field(
+        "auto", description="'chat': the tokenizer's chat template, answers in prose ending in \\boxed{}; "
+        "'compact': `07+45=` for character models; 'auto': chat when the tokenizer has a template."
+    )
+    system_prompt: str | None = Field(None, description="System message of chat prompts (None: the template's own).")
 
 
 class Task:
@@ -52,6 +57,22 @@ class Task:
     def check(self, problem: Problem, answer: Any) -> bool:
         """True when a parsed answer is correct."""
         raise NotImplementedError
+
+    def question(self, problem: Problem) -> str:
+        """The problem in words, for chat prompts."""
+        raise NotImplementedError
+
+    def answer(self, problem: Problem) -> str:
+        """The reference final answer as written inside `\\boxed{}` in chat format (parsed by `extract`)."""
+        return problem.solution
+
+    def explanation(self, problem: Problem) -> str:
+        """A short worked solution in words, written before the boxed answer in chat SFT targets ('' for none)."""
+        return ""
+
+    def verify_prompt(self, problem: Problem, completion: str) -> str:
+        """The prompt asking the model to judge an answer (compact: `07+45=052 ok?`)."""
+        return f"{problem.prompt}{self.answer_text(completion)} ok?"
 
     def answer_text(self, completion: str) -> str:
         """The part of a completion that is the answer (shown back to the model when it self-verifies)."""
@@ -103,10 +124,15 @@ class Task:
 # Imported after the base class: each module subclasses Task.
 from rl.tasks.arithmetic import ArithmeticParams, ArithmeticTask  # noqa: E402
 from rl.tasks.countdown import CountdownParams, CountdownTask  # noqa: E402
+from rl.tasks.dataset import DatasetParams, DatasetTask  # noqa: E402
 from rl.tasks.recipe import RecipeParams, RecipeTask  # noqa: E402
 
-TaskConfig = Annotated[Union[ArithmeticParams, CountdownParams, RecipeParams], Field(discriminator="name")]
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "recipe": RecipeTask}
+TaskConfig = Annotated[
+    Union[ArithmeticParams, CountdownParams, DatasetParams, RecipeParams], Field(discriminator="name")
+]
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": ArithmeticTask, "countdown": CountdownTask, "dataset": DatasetTask, "recipe": RecipeTask
+}
 
 
 def make_task(params: TaskParams) -> Task:

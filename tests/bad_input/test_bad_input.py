@@ -2,11 +2,13 @@
 
 `cases.toml` maps each file to the command and the text its error line must contain. Each case runs in an empty
 temp folder (so the default store `mlruns/` and `outputs/` would appear there) with no MLFLOW_TRACKING_URI, and
-that folder must still be empty afterwards.
+that folder must still be empty afterwards. A case of a `dataset` task config names its data files (`data`,
+`eval_data`, relative to this folder), passed as `--set task.path=<absolute path>` (`task.eval_path`).
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -26,7 +28,9 @@ def _argv(case: dict) -> list[str]:
         return ["cost", "--ledger", path]
     if command == "fit":
         return ["fit", "--csv", path, "--x", "x", "--y", "y", "--form", form or "power"]
-    return [*command.split(), path]
+    data = [("task.path", case.get("data")), ("task.eval_path", case.get("eval_data"))]
+    sets = [f"--set={key}={json.dumps(str(HERE / file))}" for key, file in data if file]
+    return [*command.split(), path, *sets]
 
 
 def _params():
@@ -56,7 +60,7 @@ def test_bad_input_is_one_clear_error_line(case, empty_cwd):
 
 def test_every_file_here_has_a_case_and_there_are_enough():
     files = {str(p.relative_to(HERE)) for p in HERE.rglob("*") if p.is_file() and p.parent != HERE}
-    covered = {c["file"] for c in CASES}
+    covered = {c[key] for c in CASES for key in ("file", "data", "eval_data") if key in c}
     assert files <= covered, sorted(files - covered)
     assert len(files) >= 30 and len(CASES) >= 30
 
