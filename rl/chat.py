@@ -17,8 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from rl.tasks import Problem, Task
 
 ANSWER_RULE = "Put the final answer in \\boxed{}."
-VERIFY_RULE = ('Check the proposed answer: solve the problem yourself, compare, then end with "Verdict: yes" if the '
-               'proposed answer is correct or "Verdict: no" if it is wrong.')
+VERIFY_RULE = 'Solve it yourself, compare, and end with "Verdict: yes" (correct) or "Verdict: no" (wrong).'
 MAX_REPLY_CHARS = 4000  # longer replies are cut before parsing (the verifier's input stays bounded)
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.{1,200}?)\s*$")

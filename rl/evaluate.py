@@ -82,10 +82,14 @@ def evaluate(
     rows = [p for p in problems for _ in range(n)]
     sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator, cfg.max_new_tokens)
     ok = [task.is_correct(p, c) for p, c in zip(rows, sampled)]
-    # the model checks each answer: a greedy check, then P(yes) vs P(no) as its verdict
+    # the model checks each answer: a greedy check, then P(yes) vs P(no) as its verdict (both deterministic, so
+    # an answer given twice to the same problem is checked once)
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
-    checks = _generate(model, tokenizer, vprompts, cfg, meter, True, generator, cfg.verify_max_new_tokens)
-    scores = _p_yes(model, tokenizer, vprompts, [split_trace(c) for c in checks], cfg, meter)
+    distinct = list(dict.fromkeys(vprompts))
+    checked = _generate(model, tokenizer, distinct, cfg, meter, True, generator, cfg.verify_max_new_tokens)
+    trusted = _p_yes(model, tokenizer, distinct, [split_trace(c) for c in checked], cfg, meter)
+    check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
+    checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]
 
     answers = [task.answer_text(c) for c in sampled]

@@ -245,12 +245,12 @@ def train_grpo(
                     meter.add("policy", fm.logprobs(b, train=True, dedupe=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and cfg.verify_sft_coef > 0:
-                    logp, _ = completion_logprobs(net, check)
+                    logp, _ = completion_logprobs(net, check, dedupe=True)
                     cmask = check.completion_mask.float()
                     nll = -(logp * cmask).sum() / check_tokens  # L_check = -log p(program's check)
                     total = total + cfg.verify_sft_coef * nll
                     metrics["train/verify_sft_loss"] = nll.item()
-                    meter.add("policy", fm.logprobs(check, train=True))
+                    meter.add("policy", fm.logprobs(check, train=True, dedupe=True))
                     meter.count(tokens_trained=int(check.completion_mask.sum()))
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()

@@ -128,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
 
     # 1. cold-start SFT (skipped when an RL checkpoint exists: its weights already include it)
     if found is None or found[0] == "sft":
-        check_problems = task.problems(200, "train", seed=-cfg.seed - 10**9)  # training split: no eval leakage
+        check_problems = task.problems(cfg.sft.check_problems, "train", seed=-cfg.seed - 10**9)  # no eval leakage
 
         def train_accuracy() -> float:
             with meter.phase("eval"):

@@ -39,6 +39,7 @@ class SFTConfig(BaseModel):
         None, gt=0.0, le=1.0, description="Stop early once greedy accuracy on training-split problems reaches this."
     )
     check_every: int = Field(20, ge=1, description="Steps between checks of `target_accuracy`.")
+    check_problems: int = Field(200, ge=1, le=100_000, description="Training-split problems in each such check.")
 
 
 def train_sft(

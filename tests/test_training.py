@@ -9,7 +9,7 @@ import torch
 from rl.accounting import PHASES, FlopModel, Meter
 from rl.checkpoint import latest_checkpoint
 from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, load_model
+from rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
 from rl.pipeline import PipelineConfig, run_pipeline
 from rl.tasks import ArithmeticParams, make_task
 
@@ -100,3 +100,52 @@ def test_check_loss_teaches_the_programs_check(recorder):
     # mu = 1: the sampled solve and verify tokens are trained once each, and the check's tokens on top
     m = recorder.logs[-1][1]
     assert m["data/tokens/trained"] > m["data/tokens/generated"]
+
+
+def _lora_grpo(tmp_path, recorder, **kw):
+    """GRPO on a nano model with LoRA adapters; beta > 0 with no reference model: pi_ref is the adapters off."""
+    base, tok = load_model(ModelConfig(size="nano"), seed=0)
+    model = add_lora(base, LoraConfig(rank=4), seed=0)
+    cfg = GRPOConfig(steps=6, prompts_per_step=4, num_generations=4, max_new_tokens=3, learning_rate=1e-2,
+                     beta=0.05, checkpoint_every=2, verify_sft_coef=1.0)
+    meter = Meter(FlopModel.of(model))
+    train_grpo(model, tok, make_task(ArithmeticParams(digits=1)), cfg, seed=3, meter=meter, callback=recorder,
+               ckpt_dir=tmp_path, **kw)
+    return model
+
+
+def test_lora_trains_only_adapters_and_resumes_exactly(tmp_path, make_recorder):
+    straight = make_recorder()
+    model_a = _lora_grpo(tmp_path / "a", straight)
+    before, _ = load_model(ModelConfig(size="nano"), seed=0)
+    base_a = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model_a.named_parameters()
+              if "lora_" not in n}
+    assert all(torch.equal(base_a[n], p) for n, p in before.named_parameters())  # the base never moved
+    assert any(p.abs().sum() > 0 for n, p in model_a.named_parameters() if "lora_B" in n)  # the adapters did
+    assert straight.logs[-1][1]["train/kl"] > 0  # the policy left pi_ref = the same weights with adapters off
+    _lora_grpo(tmp_path / "b", make_recorder(), stop_after=4)
+    ckpt = latest_checkpoint(tmp_path / "b")[2]
+    assert (ckpt / "trainable.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    resumed = make_recorder()
+    model_b = _lora_grpo(tmp_path / "b", resumed)
+    assert [s for s, _ in resumed.logs] == [5, 6]
+    for (_, ma), (_, mb) in zip(straight.logs[4:], resumed.logs):
+        assert ma["train/loss"] == mb["train/loss"] and ma["compute/flops"] == mb["compute/flops"]
+        assert mb["compute/flops/reference"] > 0
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_lora_pipeline_merges_sft_and_saves_a_plain_model(tmp_path, recorder):
+    cfg = _config(tmp_path, steps=3, beta=0.05).model_copy(deep=True)
+    cfg.model.lora = LoraConfig(rank=4)
+    cfg.sft.steps = 20
+    result = run_pipeline(cfg, recorder, resume=False)
+    assert result.n_params == count_params(load_model(ModelConfig(size="nano"))[0])
+    assert 0 < result.trainable_params < result.n_params / 5
+    final, _ = load_model(ModelConfig(path=str(result.model_dir)))
+    sft, _ = load_model(ModelConfig(path=str(tmp_path / "run" / "sft")))
+    assert not any("lora_" in n for n, _ in final.named_parameters())
+    base, _ = load_model(ModelConfig(size="nano"), seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), sft.parameters()))  # SFT adapters merged
+    assert result.metrics["compute/flops/reference"] > 0 and result.metrics["eval/accuracy"] >= 0

