@@ -12,6 +12,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from analysis.runs import FATES
+from tracking.cost import load_prices
 
 Category = Literal["final_run", "prior_runs", "human_data", "hardware", "staff", "other"]
 CATEGORIES: tuple[str, ...] = get_args(Category)
@@ -118,13 +119,29 @@ def _problem(err: dict) -> str:
     return f"{where}: {err['msg']}"
 
 
+def reprice(runs: pd.DataFrame, prices: str | Path) -> pd.DataFrame:
+    """The runs with `cost/usd` recomputed from another price table: `compute/device_seconds` / 3600 x the price
+    of each run's `device.price_key` (a run without device-seconds keeps no cost)."""
+    table = load_prices(prices)
+    if runs.empty or "compute/device_seconds" not in runs:
+        return runs
+    keys = runs["tags.device.price_key"] if "tags.device.price_key" in runs else pd.Series(None, index=runs.index)
+    seconds = runs["compute/device_seconds"].astype(float)
+    missing = sorted(set(keys[seconds.notna()].fillna("(no device.price_key tag)")) - set(table))
+    if missing:
+        raise ValueError(f"{prices}: no price for {', '.join(map(repr, missing))} that runs were billed as; "
+                         f"add those [devices.KEY] entries")
+    return runs.assign(**{"cost/usd": seconds / 3600.0 * keys.map(table).astype(float)})
+
+
 def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_run_id: str | None = None) -> dict:
     """Total cost of the project, every run (any fate) plus every ledger item, as a JSON-ready dict.
 
     The final run is `final_run_id`, else the one run tagged phase=final; it is category final_run and every other
-    run prior_runs. A run without `cost/usd` counts 0 (and in runs_without_cost). GPU hours are the runs'
-    `compute/gpu_hours` (device-hours: CPU core-hours on a CPU run) plus ledger gpu_hours. Sums are exact
-    (math.fsum); by_phase and by_status cover the runs only, so they add up to runs_usd."""
+    run prior_runs. A run without `cost/usd` counts 0 (and in runs_without_cost). Device-hours are kept apart by
+    unit (`device_hours`: GPU, vCPU, from each run's `device.unit` / `device.type` tag; ledger gpu_hours are GPU);
+    `gpu_hours_*` count GPUs only. Sums are exact (math.fsum); by_phase and by_status cover the runs only, so they
+    add up to runs_usd."""
     if len(runs) and not {"run_id", "fate"} <= set(runs.columns):
         raise ValueError("runs need the columns run_id and fate: load them with analysis.runs.load_runs")
     usd, gpu_hours, flops = (_metric(runs, k) for k in ("cost/usd", "compute/gpu_hours", "compute/flops"))
@@ -136,9 +153,13 @@ def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_r
     ledger = pd.DataFrame(columns=LEDGER_COLUMNS) if ledger is None else ledger
     l_usd, l_gpu = ledger["usd"].astype(float), ledger["gpu_hours"].astype(float).fillna(0.0)
     category = final.map({True: "final_run", False: "prior_runs"})
-    usd0, gpu0 = usd.fillna(0.0), gpu_hours.fillna(0.0)
+    usd0, hours0 = usd.fillna(0.0), gpu_hours.fillna(0.0)
+    unit = _units(runs)
     by_category = _sums([*zip(category, usd0), *zip(ledger["category"], l_usd)], CATEGORIES)
-    gpu_by_category = _sums([*zip(category, gpu0), *zip(ledger["category"], l_gpu)], CATEGORIES)
+    units = sorted(set(unit) | ({"GPU"} if len(ledger) else set()))
+    hours = {u: _sums([*zip(category[unit == u], hours0[unit == u]),
+                       *(zip(ledger["category"], l_gpu) if u == "GPU" else [])], CATEGORIES) for u in units}
+    gpu_by_category = hours.get("GPU", dict.fromkeys(CATEGORIES, 0.0))
     has_final = bool(final.any() or (ledger["category"] == "final_run").any())
     final_usd = by_category["final_run"] if has_final else None
     total = math.fsum([*usd0, *l_usd])
@@ -155,7 +176,9 @@ def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_r
         "runs": {f: int((fates == f).sum()) for f in FATES},
         "runs_without_cost": int(usd.isna().sum()),
         "ledger_items": len(ledger),
-        "gpu_hours_total": math.fsum([*gpu0, *l_gpu]),
+        "device_hours": {u: math.fsum(h.values()) for u, h in hours.items()},
+        "device_hours_by_category": {c: {u: hours[u][c] for u in units} for c in CATEGORIES},
+        "gpu_hours_total": math.fsum(gpu_by_category.values()),
         "gpu_hours_final": gpu_by_category["final_run"] if has_final else None,
         "gpu_hours_by_category": gpu_by_category,
         "flops_total": math.fsum(flops.fillna(0.0)),
@@ -169,6 +192,16 @@ def _sums(pairs: Iterable[tuple[str, float]], names: Iterable[str]) -> dict[str,
     for name, value in pairs:
         groups[name].append(float(value))
     return {name: math.fsum(values) for name, values in groups.items()}
+
+
+def _units(runs: pd.DataFrame) -> pd.Series:
+    """The unit each run's device-hours are in: its `device.unit` tag, else GPU for cuda and vCPU for cpu runs,
+    else 'device' (a run recorded without device tags)."""
+    by_type = runs["tags.device.type"].map({"cuda": "GPU", "cpu": "vCPU"}) if "tags.device.type" in runs else None
+    unit = runs["tags.device.unit"] if "tags.device.unit" in runs else pd.Series(None, index=runs.index, dtype=object)
+    if by_type is not None:
+        unit = unit.fillna(by_type)
+    return unit.fillna("device").astype(str)
 
 
 def _metric(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -190,14 +223,16 @@ def _final_mask(runs: pd.DataFrame, phase: pd.Series, final_run_id: str | None) 
 
 
 def cost_table(result: dict) -> pd.DataFrame:
-    """project_cost's result by category, with the total, rounded for display: usd, share of total (%), GPU hours."""
+    """project_cost's result by category, with the total, rounded for display: usd, share of total (%), and the
+    device-hours of each unit (`GPU_hours`, `vCPU_hours`, ...)."""
     total = result["total_usd"]
-    rows = [{"category": c, "usd": result["by_category"][c], "gpu_hours": result["gpu_hours_by_category"][c]}
-            for c in CATEGORIES]
-    rows.append({"category": "total", "usd": total, "gpu_hours": result["gpu_hours_total"]})
-    df = pd.DataFrame(rows)
+    units = list(result["device_hours"])
+    rows = [{"category": c, "usd": result["by_category"][c]}
+            | {f"{u}_hours": result["device_hours_by_category"][c][u] for u in units} for c in CATEGORIES]
+    rows.append({"category": "total", "usd": total} | {f"{u}_hours": result["device_hours"][u] for u in units})
+    df = pd.DataFrame(rows, columns=["category", "usd", *(f"{u}_hours" for u in units)])
     df.insert(2, "share_pct", df["usd"] / total * 100 if total else math.nan)
-    return df.round({"usd": 2, "share_pct": 1, "gpu_hours": 2})
+    return df.round({"usd": 2, "share_pct": 1} | {f"{u}_hours": 4 for u in units})
 
 
 def spend_over_time(runs: pd.DataFrame) -> pd.DataFrame:

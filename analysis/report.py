@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from analysis.cost import CATEGORIES, load_ledger, project_cost, spend_over_time
+from analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
 from analysis.fits import FORMS, Fit, compare_forms, fit
 from analysis.runs import FATES, load_runs
 from tracking.run import experiment_id, tracking_uri
@@ -67,17 +67,20 @@ class ReportResult:
 
 def build_report(uri: str | None, experiments: list[str] | None, ledger: str | Path | None,
                  final_run_id: str | None, out: str | Path, *, root: str | Path = "mlruns",
-                 log_to_mlflow: bool = True) -> ReportResult:
+                 log_to_mlflow: bool = True, prices: str | Path | None = None) -> ReportResult:
     """Write the report of the named experiments (all when None) of the store `uri` into `out`.
 
     `ledger` is a TOML ledger of costs outside MLflow; `final_run_id` overrides the run tagged phase=final. With
     `log_to_mlflow`, the files become the artifacts of a new run tagged phase=report in the experiment "reports"
-    (artifacts under `<root>/artifacts/reports` on the embedded SQLite store)."""
+    (artifacts under `<root>/artifacts/reports` on the embedded SQLite store). With `prices`, every run's cost is
+    recomputed with that price table."""
     uri = tracking_uri(uri, Path(root))
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     runs = load_runs(uri, experiments, root=root)
     runs = runs[_phase(runs) != "report"].reset_index(drop=True)
+    if prices is not None:
+        runs = reprice(runs, prices)
     cost = project_cost(runs, load_ledger(ledger) if ledger else None, final_run_id)
     points = score_points(runs)
     fits, fitted = fit_scores(points[COMPUTE].to_numpy(), points[SCORE].to_numpy())
@@ -198,7 +201,7 @@ def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
         ("h2", "Cost"),
         ("p", f"Total cost: {_usd(cost['total_usd'])} ({_usd(cost['runs_usd'])} in {n_runs} recorded runs of "
               f"every fate, {_usd(cost['ledger_usd'])} in {cost['ledger_items']} ledger items); "
-              f"{cost['gpu_hours_total']:.4g} device-hours, {cost['flops_total']:.3g} FLOPs."),
+              f"{_hours(cost['device_hours'])}, {cost['flops_total']:.3g} FLOPs."),
     ]
     if cost["final_run_usd"] is None:
         blocks.append(("p", "No final run: no run is tagged phase=final (and none was named), so there is no "
@@ -211,15 +214,18 @@ def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
     fates = ", ".join(f"{cost['runs'][f]} {f}" for f in FATES)
     blocks += [
         ("p", f"Runs by fate: {fates}; {cost['runs_without_cost']} without a recorded cost (counted as $0)."),
-        ("table", _split(cost["by_category"] | {"total": cost["total_usd"]}, "category", cost["total_usd"],
-                         "share_pct").assign(gpu_hours=[*cost["gpu_hours_by_category"].values(),
-                                                         cost["gpu_hours_total"]])),
+        ("table", cost_table(cost)),
         ("table", _split(cost["by_phase"], "phase", cost["runs_usd"])),
         ("table", _split(cost["by_status"], "fate", cost["runs_usd"]).assign(
             runs=[cost["runs"][f] for f in cost["by_status"]])),
         ("plot", "cost_breakdown"), ("plot", "total_vs_final"), ("plot", "spend_over_time"),
     ]
     return blocks
+
+
+def _hours(device_hours: dict[str, float]) -> str:
+    """Device-hours by unit, e.g. '0.25 GPU-hours + 3.1 vCPU-hours'."""
+    return " + ".join(f"{h:.4g} {u}-hours" for u, h in device_hours.items()) or "0 device-hours"
 
 
 def _split(usd: dict[str, float], name: str, total: float, share: str = "share_of_runs_pct") -> pd.DataFrame:

@@ -36,6 +36,7 @@ class Curve:
         row = {k: round(v, 4) for k, v in metrics.items() if k in self.KEYS}
         if row:
             self.rows.append({"step": step, "seconds": round(time.perf_counter() - self.t0, 1)} | row)
+            print(json.dumps(self.rows[-1]), flush=True)
 
 
 def main() -> None:

@@ -372,6 +372,8 @@ def _load_runs_or_empty(uri: str | None, experiments: list[str] | None):
 FinalOpt = Annotated[str | None, typer.Option("--final", help="Run id of the final run (default: the run tagged "
                                               "phase=final).")]
 LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger TOML of costs that are no run.")]
+PricesOpt = Annotated[str | None, typer.Option("--prices", help="Recompute every run's cost/usd with this price "
+                                               "table (default: the cost each run recorded).")]
 
 
 @app.command()
@@ -383,6 +385,7 @@ def cost(
     uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
                                             "mlruns/).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    prices_file: PricesOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Full project cost: every run (finished, failed, killed, pruned) plus a ledger of costs that are no run.
@@ -391,11 +394,14 @@ def cost(
       rlscale cost
       rlscale cost --experiment addition --ledger ledger.toml --json
       rlscale cost --ledger ledger.toml --final 3f2a...   # the final run chosen by id
+      rlscale cost --prices my_prices.toml                # every run repriced with another table
     """
-    from analysis.cost import cost_table, load_ledger, project_cost
+    from analysis.cost import cost_table, load_ledger, project_cost, reprice
 
     try:
         runs = _load_runs_or_empty(uri, experiment)
+        if prices_file:
+            runs = reprice(runs, prices_file)
         result = project_cost(runs, load_ledger(ledger) if ledger else None, final)
     except ValueError as e:
         fail(str(e), debug)
@@ -404,16 +410,49 @@ def cost(
         print(json.dumps(result, indent=2))
         return
     table = Table(title="project cost")
-    for col in ("category", "usd", "share %", "device-hours"):
+    df = cost_table(result)
+    for col in ("category", "usd", "share %", *(f"{u}-hours" for u in result["device_hours"])):
         table.add_column(col, justify="left" if col == "category" else "right")
-    for r in cost_table(result).itertuples():
-        table.add_row(r.category, f"{r.usd:,.2f}", f"{r.share_pct:.1f}", f"{r.gpu_hours:,.2f}")
+    for r in df.itertuples(index=False):
+        table.add_row(r[0], f"{r[1]:,.2f}", f"{r[2]:.1f}", *(f"{h:,.4f}" for h in r[3:]))
     Console().print(table)
     ratio = result["ratio_total_to_final"]
     print(f"total ${result['total_usd']:,.2f}; final run "
           + ("none tagged phase=final" if result["final_run_usd"] is None else f"${result['final_run_usd']:,.2f}")
           + ("" if ratio is None else f"; total / final = {ratio:.1f}x"))
     print("runs: " + ", ".join(f"{v} {k}" for k, v in result["runs"].items() if v))
+
+
+@app.command()
+def prices(
+    device: Annotated[str | None, typer.Option("--device", help="A device name as the driver reports it.")] = None,
+    table: Annotated[str | None, typer.Option("--prices", help="Price table TOML (default: the shipped one).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """The price table runs are billed with: key, device names matched, $/h, unit, source, date.
+
+    With --device, the entry and price a run on that device gets, or why it would not start:
+      rlscale prices --device "NVIDIA L40S"
+    """
+    from tracking.cost import device_key, load_price_table
+
+    try:
+        entries = load_price_table(table)
+        if device is not None:
+            kind = "cpu" if device.lower() == "cpu" else "cuda"
+            e = entries[device_key(kind, device, entries)]
+            print(f"{e.key}  ${e.usd_per_hour:g} per {e.unit}-hour  ({e.source}, read {e.date}{', ' if e.url else ''}"
+                  f"{e.url})")
+            return
+    except PriceError as e:
+        fail(str(e), debug)
+    out = Table(title="prices (US$ per device-hour; `rlscale prices --device NAME` for the source URL)")
+    for col in ("key", "devices matched", "$/h", "unit", "source", "date"):
+        out.add_column(col, justify="right" if col == "$/h" else "left", overflow="fold")
+    for e in entries.values():
+        out.add_row(e.key, escape(", ".join(e.names) or ("any CPU" if e.unit == "vCPU" else "-")),
+                    f"{e.usd_per_hour:g}", e.unit, escape(e.source), e.date)
+    Console().print(out)
 
 
 @app.command()
@@ -466,6 +505,7 @@ def report(
     out: Annotated[str, typer.Option("--out", help="Folder the report is written to.")] = "outputs/report",
     uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
                                             "mlruns/).")] = None,
+    prices_file: PricesOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Write the cost and scaling report (HTML + Markdown with plots, CSV, JSON) and log it to MLflow.
@@ -473,11 +513,12 @@ def report(
     Examples:
       rlscale report
       rlscale report --experiment demo --ledger ledger.toml --out outputs/report
+      rlscale report --prices my_prices.toml   # every run repriced with another table
     """
     from analysis.report import build_report
 
     try:
-        result = build_report(uri, experiment, ledger, final, out)
+        result = build_report(uri, experiment, ledger, final, out, prices=prices_file)
     except (ValueError, OSError) as e:
         fail(str(e), debug)
         return

@@ -24,6 +24,7 @@ class TrackingConfig(BaseModel):
     uri: str | None = Field(None, description="Tracking URI (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db).")
     root: str = Field("mlruns", description="Folder of the embedded SQLite store and its artifacts.")
     prices: str | None = Field(None, description="Price table TOML (default: tracking/prices.toml).")
+    price_key: str | None = Field(None, description="Bill as this price-table entry (default: by device name).")
     phase: str = Field("rl", description="Phase tag: sft, rl, eval, sweep-trial, ablation, final, ...")
     flush_seconds: float = Field(10.0, gt=0.0, le=30.0, description="Longest wait before metrics are sent.")
     log_model: bool = Field(False, description="Log the final model (safetensors) as an artifact of the run.")

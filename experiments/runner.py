@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import platform
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from experiments.config import ExperimentConfig
-from rl.accounting import Callback
+from rl.accounting import Callback, cpu_devices
 from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
 from rl.pipeline import RunResult, check_inputs, run_pipeline
-from tracking.cost import device_key, load_prices
+from tracking.cost import device_key, load_price_table
 from tracking.run import TrackedRun, flatten, masked, open_client
 
 
@@ -37,23 +39,29 @@ def run_experiment(
     params: dict[str, str] | None = None,
     pruned_on: tuple[type[BaseException], ...] = (),
     run_name: str | None = None,
+    device_share: float = 1.0,
 ) -> RunResult:
     """Train `cfg`; with tracking on, the run, its metrics, cost and fate go to MLflow.
 
     `tags` and `params` are added to the run's own (a sweep trial's parent and trial number, grid coordinates);
-    an exception of a `pruned_on` type marks the run pruned."""
+    an exception of a `pruned_on` type marks the run pruned. `device_share` is the part of its GPU the run is
+    billed for (1/k when k sweep workers share one). The bill runs from this call to the run's end."""
+    started = time.perf_counter()
     check_inputs(cfg)  # bad input stops here, before a run exists in the store
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun only rank 0 writes to MLflow
     if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:
-        return run_pipeline(cfg, progress, resume=resume)
+        return run_pipeline(cfg, progress, resume=resume, started=started, device_share=device_share)
     root = Path(cfg.tracking.root)
-    prices = load_prices(cfg.tracking.prices)
+    table = load_price_table(cfg.tracking.prices)
     device = pick_device(cfg.model.device)
-    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    price_key = device_key(device.type, name, table, cfg.tracking.price_key)  # an unknown GPU stops here
+    held = world * (device_share if cuda else cpu_devices())  # what the run is billed for, every second
     tags = {
         "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
-        "device.type": device.type,
-        "device.count": str(world * (torch.get_num_threads() if device.type == "cpu" else 1)), "world_size": str(world),
+        "device.type": device.type, "device.name": name, "device.unit": table[price_key].unit,
+        "device.count": f"{held:g}", "device.share": f"{device_share:g}", "world_size": str(world),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
     } | (tags or {})
     client = open_client(cfg.tracking.uri, root)
@@ -64,15 +72,16 @@ def run_experiment(
     if resume_id and latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None:
         resume_id = None
     run_params = flatten(cfg.model_dump(exclude={"sweep", "grid"})) | (params or {})
-    with TrackedRun(client, cfg.name, run_name, tags, run_params, device_key(device.type, gpu_name),
-                    prices, cfg.tracking.flush_seconds, root, resume_run_id=resume_id,
-                    gpus=[device.index or 0] if device.type == "cuda" else [],
-                    system_metrics=cfg.tracking.system_metrics, pruned_on=pruned_on) as tracked:
+    prices = {k: e.usd_per_hour for k, e in table.items()}
+    with TrackedRun(client, cfg.name, run_name, tags, run_params, price_key, prices, cfg.tracking.flush_seconds,
+                    root, resume_run_id=resume_id, devices=held, system_metrics=cfg.tracking.system_metrics,
+                    pruned_on=pruned_on) as tracked:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracked.run_id)
         tracked.log_dict(masked(cfg.model_dump(mode="json", exclude={"sweep", "grid"})), "config.json")
         try:
-            result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume)
+            result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume, started=started,
+                                  device_share=device_share)
         finally:  # a failed or killed run's checkpoint is what a resume needs: keep it with the run
             ckpt = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
             if cfg.tracking.log_checkpoints and ckpt is not None:

@@ -108,8 +108,17 @@ class Reporter:
                 raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}")
 
 
-def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
-    """The objective of the study: one tracked training run per trial, returning its final metric."""
+def gpu_slots(workers: int, gpus: int) -> list[tuple[int | None, float]]:
+    """(GPU index, share of it billed) for each of `workers` processes over `gpus` visible GPUs: round-robin, one
+    GPU each where there are enough; k workers on one GPU are billed 1/k each. (None, 1.0) without GPUs."""
+    if gpus == 0:
+        return [(None, 1.0)] * workers
+    return [(i % gpus, 1.0 / len(range(i % gpus, workers, gpus))) for i in range(workers)]
+
+
+def objective(spec: SweepSpec, parent_id: str, progress_factory=None, gpu: int | None = None, share: float = 1.0):
+    """The objective of the study: one tracked training run per trial (on GPU `gpu`, billed for `share` of it),
+    returning its final metric."""
 
     def run_trial(trial: optuna.Trial) -> float:
         # trial numbers come from the shared storage: past the budget, this one is surplus of a concurrent start
@@ -125,14 +134,14 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
         values = {k: suggest(trial, k, dim) for k, dim in base.sweep.space.items()}
         cfg = load_config(spec.config, spec.overrides, values | {
             "tracking.phase": "sweep-trial", "output_dir": f"{base.output_dir}/{spec.study}/trial-{trial.number}",
-        })
+        } | ({"model.device": f"cuda:{gpu}"} if gpu is not None else {}))
         tags = {"mlflow.parentRunId": parent_id, "optuna.study": spec.study, "optuna.trial": str(trial.number)}
         params = {"trial.number": str(trial.number)} | {f"trial.{k}": str(v) for k, v in values.items()}
         progress = progress_factory(cfg) if progress_factory else None
         try:
             result = run_experiment(cfg, Reporter(trial, base.sweep.metric, progress), resume=False, tags=tags,
                                     params=params, pruned_on=(optuna.TrialPruned,),
-                                    run_name=f"trial-{trial.number}")
+                                    run_name=f"trial-{trial.number}", device_share=share)
         finally:
             if progress is not None:
                 progress.close()
@@ -143,12 +152,22 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None):
     return run_trial
 
 
-def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int, threads: int) -> None:
+def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int, threads: int, gpu: int | None,
+            share: float) -> None:
     torch.set_num_threads(threads)  # the workers share the machine's cores instead of each taking all of them
     cfg = load_config(spec.config, spec.overrides)
     study = open_study(cfg, spec.storage, spec.study, worker)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective(spec, parent_id), n_trials=n_trials, catch=(Exception,))
+    study.optimize(objective(spec, parent_id, gpu=gpu, share=share), n_trials=n_trials, catch=(Exception,))
+
+
+def worker_slots(device: str, workers: int) -> list[tuple[int | None, float]]:
+    """Where each sweep worker trains and the share of its GPU it is billed: spread over the visible GPUs for
+    'auto'/'cuda', all on the one GPU of 'cuda:N' (1/workers each), no GPU on a CPU."""
+    if device.startswith("cuda:"):
+        return [(None, 1.0 / workers)] * workers
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
+    return gpu_slots(workers, gpus)
 
 
 def parent_run(client: MlflowClient, cfg: ExperimentConfig, study: optuna.Study) -> str:
@@ -218,8 +237,10 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
         else:
             ctx = multiprocessing.get_context("spawn")
             threads = max(1, torch.get_num_threads() // workers)
-            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i, threads), daemon=True)
-                     for i, n in enumerate(shares) if n]
+            active = [(i, n) for i, n in enumerate(shares) if n]
+            slots = worker_slots(cfg.model.device, len(active))
+            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i, threads, *slot), daemon=True)
+                     for (i, n), slot in zip(active, slots)]
             for p in procs:
                 p.start()
             while any(p.is_alive() for p in procs):

@@ -10,6 +10,7 @@ only. So a trained token is 6N with every weight trained, about 4N + 6N_adapters
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -17,9 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import psutil
+import torch
 from transformers import PreTrainedModel
 
 from rl import distributed
+from rl.energy import GpuEnergy
 from rl.generate import Batch, distinct_rows
 
 PHASES = ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")
@@ -109,24 +113,57 @@ class FlopModel:
         return self.sequences(prompts, P, train, logits_per_row=1) + self.forward(rows * (T - 1), keys, train=train)
 
 
-class Meter:
-    """Cumulative FLOPs and device-seconds by phase, and data-volume counters; checkpointable."""
+def cpu_devices(threads: int | None = None) -> int:
+    """vCPUs a CPU run holds: its torch threads (one per physical core by default) times the hardware threads of a
+    core (SMT siblings sit idle but are rented too), at most the CPUs this process may use. The unit clouds bill."""
+    threads = threads or torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else psutil.cpu_count() or 1
+    smt = max(1, (psutil.cpu_count() or 1) // (psutil.cpu_count(logical=False) or psutil.cpu_count() or 1))
+    return max(1, min(usable, threads * smt))
 
-    def __init__(self, flop_model: FlopModel, devices: int = 1):
+
+def merged(states: list[dict]) -> dict:
+    """One meter state holding the sum of several (every rank's, when a run resumes with fewer ranks)."""
+    out: dict = {"flops": defaultdict(float), "seconds": defaultdict(float), "counts": defaultdict(int),
+                 "wall": 0.0, "kwh": 0.0}
+    for st in states:
+        for part in ("flops", "seconds", "counts"):
+            for k, v in st[part].items():
+                out[part][k] += v
+        out["wall"] += st.get("wall", sum(st["seconds"].values()))
+        out["kwh"] += st.get("kwh", 0.0)
+    return out
+
+
+class Meter:
+    """Cumulative FLOPs and device-seconds by phase, the run's whole held time, GPU energy and data-volume
+    counters; checkpointable.
+
+    `devices` is what the run holds while it runs: vCPUs on a CPU (`cpu_devices`), its share of a GPU on a GPU (1
+    alone, 1/k when k runs share it). Every second from `started` (default: now) is billed: the timed phases
+    are the breakdown and the rest (model loading, setup, saving) is the phase `other`. `energy` reads this
+    rank's GPU; its kWh count at the same share."""
+
+    def __init__(self, flop_model: FlopModel, devices: float = 1, started: float | None = None,
+                 energy: GpuEnergy | None = None):
         self.fm = flop_model
         self.devices = devices
+        self.started = time.perf_counter() if started is None else started
+        self.energy = energy
         self.flops: dict[str, float] = defaultdict(float)
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = defaultdict(float)  # device-seconds by phase
         self.counts: dict[str, int] = defaultdict(int)
+        self.wall_before = 0.0  # device-seconds held by a resumed run's earlier attempts (from its checkpoint)
+        self.kwh_before = 0.0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a block as `name` (wall seconds)."""
+        """Time a block as `name` (wall seconds x devices)."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t0
+            self.seconds[name] += (time.perf_counter() - t0) * self.devices
 
     def add(self, phase: str, flops: float) -> None:
         self.flops[phase] += flops
@@ -136,28 +173,47 @@ class Meter:
         for k, v in counts.items():
             self.counts[_COUNTER_KEYS[k]] += int(v)
 
+    def held(self) -> float:
+        """Device-seconds held so far: the whole wall time x devices, never less than the phases' sum."""
+        wall = self.wall_before + (time.perf_counter() - self.started) * self.devices
+        return max(wall, sum(self.seconds.values()))
+
+    def kwh(self) -> float | None:
+        """This rank's GPU energy at its share (earlier attempts included); None without NVML."""
+        now = self.energy.kwh() if self.energy is not None else None
+        return None if now is None else self.kwh_before + now * self.devices
+
     def metrics(self) -> dict[str, float]:
         """Cumulative compute and data metrics under their schema names, summed over ranks under torchrun
         (a collective: every rank calls it at the same points)."""
         m: dict[str, float] = {}
         for p in PHASES:
             m[f"compute/flops/{p}"] = self.flops.get(p, 0.0)
-            m[f"compute/device_seconds/{p}"] = self.seconds.get(p, 0.0) * self.devices
+            m[f"compute/device_seconds/{p}"] = self.seconds.get(p, 0.0)
         m["compute/flops"] = sum(self.flops.values())
-        m["compute/device_seconds"] = sum(self.seconds.values()) * self.devices
-        m["compute/gpu_hours"] = m["compute/device_seconds"] / 3600.0
+        m["compute/device_seconds"] = self.held()
+        m["compute/device_seconds/other"] = m["compute/device_seconds"] - sum(self.seconds.values())
         for k in COUNTERS:
             m[k] = float(self.counts.get(k, 0))
         m["data/samples"] = m["data/samples/solve"] + m["data/samples/verify"]
-        return dict(zip(m, distributed.all_sum(list(m.values()))))
+        kwh = self.kwh()
+        m["energy/gpu_kwh"], m["energy/ranks"] = (0.0, 0.0) if kwh is None else (kwh, 1.0)
+        m = dict(zip(m, distributed.all_sum(list(m.values()))))
+        m["compute/gpu_hours"] = m["compute/device_seconds"] / 3600.0
+        if not m.pop("energy/ranks"):  # no rank could read its GPU's energy: none recorded, not zero
+            del m["energy/gpu_kwh"]
+        return m
 
     def state_dict(self) -> dict:
-        return {"flops": dict(self.flops), "seconds": dict(self.seconds), "counts": dict(self.counts)}
+        return {"flops": dict(self.flops), "seconds": dict(self.seconds), "counts": dict(self.counts),
+                "wall": self.held(), "kwh": self.kwh_before if (k := self.kwh()) is None else k}
 
     def load_state_dict(self, state: dict) -> None:
         self.flops = defaultdict(float, state["flops"])
         self.seconds = defaultdict(float, state["seconds"])
         self.counts = defaultdict(int, state["counts"])
+        self.wall_before = state.get("wall", sum(state["seconds"].values()))
+        self.kwh_before = state.get("kwh", 0.0)
 
 
 _COUNTER_KEYS = {k.split("/", 1)[1].replace("/", "_"): k for k in COUNTERS}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rl import distributed
-from rl.accounting import Meter
+from rl.accounting import Meter, merged
 
 STOP = threading.Event()  # set by a signal handler: trainers checkpoint at the next step boundary and stop
 
@@ -130,6 +130,6 @@ def load_checkpoint(
     random.setstate((3, tuple(state["python_rng"]), None))
     if mine:
         meter.load_state_dict(mine["meter"])
-    elif distributed.rank() == 0:  # a checkpoint of another world size: its total is counted once, on rank 0
-        meter.load_state_dict(state["meter"])
+    elif distributed.rank() == 0:  # a checkpoint of another world size: every rank's total, counted once, on rank 0
+        meter.load_state_dict(merged([r["meter"] for r in state["ranks"]] if state.get("ranks") else [state["meter"]]))
     return state

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rl import distributed
-from rl.accounting import Callback, FlopModel, Meter
+from rl.accounting import Callback, FlopModel, Meter, cpu_devices
 from rl.chat import for_model
 from rl.checkpoint import latest_checkpoint
+from rl.energy import GpuEnergy, gpu_uuid
 from rl.evaluate import EvalConfig, evaluate
 from rl.generate import sample
 from rl.grpo import GRPOConfig, train_grpo
@@ -88,8 +90,13 @@ def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
     return task, eval_problems
 
 
-def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -> RunResult:
-    """SFT then GRPO with self-verification, evaluated before and after RL; resumes from checkpoints."""
+def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *, started: float | None = None,
+                 device_share: float = 1.0) -> RunResult:
+    """SFT then GRPO with self-verification, evaluated before and after RL; resumes from checkpoints.
+
+    Compute is billed from `started` (a `time.perf_counter()` value; default: now) to the end: the run holds
+    its vCPUs on a CPU, `device_share` of its GPU on a GPU (1/k when k runs share one)."""
+    started = time.perf_counter() if started is None else started
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -114,9 +121,11 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True) -
     device = next(model.parameters()).device
     distributed.setup(device)  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
     lead = distributed.rank() == 0  # evaluates, saves models and (in tracking) writes to MLflow
-    # device-seconds count every core of a CPU run (the unit CPU time is priced in), every GPU of a GPU run;
-    # under torchrun each rank counts its own and the meter sums them
-    meter = Meter(FlopModel.of(model), devices=torch.get_num_threads() if device.type == "cpu" else 1)
+    # device-seconds count every vCPU a CPU run holds (the unit CPU time is priced in), its share of each GPU;
+    # under torchrun each rank counts its own (and its own GPU's energy) and the meter sums them
+    cuda = device.type == "cuda"
+    meter = Meter(FlopModel.of(model), devices=device_share if cuda else cpu_devices(), started=started,
+                  energy=GpuEnergy([gpu_uuid(device)]) if cuda else None)
 
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
         if not lead:

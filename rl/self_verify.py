@@ -31,9 +31,11 @@ def parse_verdict(text: str) -> bool | None:
 
 
 def split_trace(text: str) -> str:
-    """The check written before the verdict word."""
+    """The check written before the verdict word ('' when the model wrote only a verdict)."""
     words = text.rsplit(maxsplit=1)
-    return words[0] if len(words) == 2 and parse_verdict(words[1]) is not None else text.strip()
+    if words and parse_verdict(words[-1]) is not None:
+        return words[0] if len(words) == 2 else ""
+    return text.strip()
 
 
 def verdict_reward(verdict_text: str, truth: bool) -> float:

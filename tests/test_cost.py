@@ -114,6 +114,8 @@ def test_missing_file(tmp_path):
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
     """Runs as analysis.runs.load_runs returns them (only the columns cost reads, plus times)."""
     df = pd.DataFrame(rows)
+    if len(df) and "tags.device.type" not in df:
+        df["tags.device.type"] = "cuda"  # GPU runs: their device-hours are GPU-hours
     for col in ("start_time", "end_time"):
         df[col] = pd.to_datetime(df[col], unit="s", utc=True)
     return df
@@ -221,7 +223,7 @@ def test_cost_table_rounds_only_for_display(tmp_path):
     result = project_cost(RUNS, load_ledger(ledger_file(tmp_path, LEDGER)))
     table = cost_table(result)
     assert list(table["category"]) == [*CATEGORIES, "total"]
-    assert list(table.columns) == ["category", "usd", "share_pct", "gpu_hours"]
+    assert list(table.columns) == ["category", "usd", "share_pct", "GPU_hours"]
     assert table["usd"].iloc[-1] == round(result["total_usd"], 2) and table["share_pct"].iloc[-1] == 100.0
     assert table.set_index("category")["usd"]["final_run"] == 2.0
 

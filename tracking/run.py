@@ -19,7 +19,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tracking.cost import cost_usd, load_prices
-from tracking.energy import GpuEnergy
 from tracking.spool import Spool, default_spool_dir, deliver, sync_file
 
 try:
@@ -219,8 +218,9 @@ class TrackedRun:
     """A trainer callback that writes to one MLflow run; use as a context manager to record its fate.
 
     Metrics are buffered and sent with `log_batch` at most every `flush_seconds` (and at the end), together
-    with `cost/usd` (from `compute/device_seconds` and the price table), a `heartbeat` timestamp and, where
-    NVML reads the GPUs in `gpus`, cumulative `energy/gpu_kwh`. `system_metrics` starts MLflow's own
+    with `cost/usd` (from `compute/device_seconds` and the price table) and a `heartbeat` timestamp. The run is
+    billed until it ends: the time after the trainer's last compute metrics (saving, logging the model) is added
+    at the end to `compute/device_seconds/other` for the `devices` it holds (0: only what the trainer measured). `system_metrics` starts MLflow's own
     sampler of CPU, memory, disk, network and GPU use (`system/*`). An exception of a `pruned_on` type (an
     Optuna trial pruned) ends the run KILLED with the tag `pruned=true`.
 
@@ -234,7 +234,7 @@ class TrackedRun:
     def __init__(self, client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str],
                  params: dict[str, str], device: str, prices: dict[str, float] | None = None,
                  flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None,
-                 gpus: list[int] | None = None, system_metrics: bool = False,
+                 devices: float = 0.0, system_metrics: bool = False,
                  pruned_on: tuple[type[BaseException], ...] = (), spool_dir: Path | None = None,
                  store_wait_seconds: float | None = None):
         self.client = client
@@ -279,11 +279,8 @@ class TrackedRun:
         self._retry_at = 0.0  # monotonic time before which no new delivery is tried
         self._last_flush = time.monotonic()
         self.last: dict[str, float] = {}
-        self.energy = GpuEnergy(gpus or [])
-        self._energy_before = 0.0  # energy of the run's earlier attempts, when resumed
-        if resume_run_id and self.energy.available:
-            run = retry(client.get_run, resume_run_id, wait=self.store_wait)
-            self._energy_before = run.data.metrics.get("energy/gpu_kwh", 0.0)
+        self.devices = devices
+        self._compute_at: tuple[float, int] | None = None  # (monotonic time, step) of the last compute metrics
         self.monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -297,8 +294,8 @@ class TrackedRun:
         if "compute/device_seconds" in metrics:
             metrics = metrics | {"cost/usd": cost_usd(metrics["compute/device_seconds"], self.device, self.prices)}
         metrics = metrics | {"heartbeat": now / 1000.0}
-        if (kwh := self.energy.kwh()) is not None:
-            metrics["energy/gpu_kwh"] = self._energy_before + kwh
+        if "compute/device_seconds" in metrics:
+            self._compute_at = (time.monotonic(), step)
         self.last |= metrics
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # NaN dropped
         clock = time.monotonic()
@@ -407,6 +404,7 @@ class TrackedRun:
         else:
             status = RunStatus.to_string(RunStatus.FAILED)
             tags |= {"error.class": exc_type.__name__, "error.message": str(exc)[:5000]}
+        self._bill_to_end()
         try:
             self.finish(status, tags)
         except Exception as e:
@@ -414,6 +412,20 @@ class TrackedRun:
                 raise
             log.error("could not record the run's end: %s", e)  # the training's own error matters more
         return False
+
+    def _bill_to_end(self) -> None:
+        """Add the held time since the trainer's last compute metrics (saving, logging) to the run's bill."""
+        if self._compute_at is None:
+            return
+        since, step = self._compute_at
+        extra = (time.monotonic() - since) * self.devices
+        total = self.last["compute/device_seconds"] + extra
+        metrics = {"compute/device_seconds": total, "compute/gpu_hours": total / 3600.0,
+                   "compute/device_seconds/other": self.last.get("compute/device_seconds/other", 0.0) + extra,
+                   "cost/usd": cost_usd(total, self.device, self.prices)}
+        self.last |= metrics
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
     def finish(self, status: str, tags: dict[str, str] | None = None) -> Path | None:
         """Send what is left, the `tags` and the final `status`; waits up to `store_wait_seconds` for the store,
