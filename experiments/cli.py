@@ -329,19 +329,34 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",
     uri: Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or "
                                             "mlruns/).")] = None,
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", help="Experiment to open (repeatable; "
+                                                         "default: every one).")] = None,
+    debug: DebugOpt = False,
 ) -> None:
-    """Start the MLflow UI on the store and print its URL (binds to 127.0.0.1 unless told otherwise).
+    """Start the MLflow UI on the store and print the URL of each experiment's runs table, with the columns that
+    matter (phase, model, accuracy, RL gain, self-verification, FLOPs, cost) saved as its view.
 
     Examples:
       rlscale ui
-      rlscale ui --port 5001
+      rlscale ui --experiment demo --port 5001
     """
     import subprocess
 
-    from tracking.run import tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    from tracking.run import safe_uri, tracking_uri
+    from tracking.runs import VIEW_KEY, save_runs_view
 
     store = tracking_uri(uri)
-    print(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it", flush=True)
+    try:
+        views = save_runs_view(MlflowClient(store), experiment)
+    except Exception as e:  # an unreadable store, an unknown experiment: one line
+        fail(safe_uri(str(e).splitlines()[0] if str(e) else type(e).__name__), debug)
+        return
+    print(f"MLflow UI on http://{host}:{port} (store {safe_uri(store)}); Ctrl-C stops it", flush=True)
+    for name, exp_id in views.items():
+        print(f"  {name}: http://{host}:{port}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}",
+              flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
            "--backend-store-uri", store, "--workers", "1"]
     proc = subprocess.Popen(cmd)

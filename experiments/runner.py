@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import shlex
+import sys
 import time
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,8 +20,9 @@ from rl.accounting import Callback, cpu_devices
 from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
 from rl.pipeline import RunResult, check_inputs, run_pipeline
+from rl.tasks import Problem, Task
 from tracking.cost import device_key, load_price_table
-from tracking.run import TrackedRun, flatten, masked, open_client
+from tracking.run import TrackedRun, flatten, git_info, masked, open_client, safe_uri
 
 
 class Fanout:
@@ -47,7 +53,7 @@ def run_experiment(
     an exception of a `pruned_on` type marks the run pruned. `device_share` is the part of its GPU the run is
     billed for (1/k when k sweep workers share one). The bill runs from this call to the run's end."""
     started = time.perf_counter()
-    check_inputs(cfg)  # bad input stops here, before a run exists in the store
+    task, eval_problems = check_inputs(cfg)  # bad input stops here, before a run exists in the store
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun only rank 0 writes to MLflow
     if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:
         return run_pipeline(cfg, progress, resume=resume, started=started, device_share=device_share)
@@ -58,7 +64,11 @@ def run_experiment(
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     price_key = device_key(device.type, name, table, cfg.tracking.price_key)  # an unknown GPU stops here
     held = world * (device_share if cuda else cpu_devices())  # what the run is billed for, every second
+    commit, _ = git_info()
     tags = {
+        "mlflow.source.name": safe_uri(shlex.join(["rlscale" if Path(sys.argv[0]).name == "rlscale" else sys.argv[0],
+                                                   *sys.argv[1:]]))[:500],
+        "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": commit,
         "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
         "device.type": device.type, "device.name": name, "device.unit": table[price_key].unit,
         "device.count": f"{held:g}", "device.share": f"{device_share:g}", "world_size": str(world),
@@ -79,6 +89,10 @@ def run_experiment(
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracked.run_id)
         tracked.log_dict(masked(cfg.model_dump(mode="json", exclude={"sweep", "grid"})), "config.json")
+        train_set, eval_set = problem_sets(cfg, task, eval_problems)
+        tracked.log_dataset(train_set, "train")
+        tracked.log_dataset(eval_set, "eval")
+        tracked.summary = f"{cfg.task.name} on {cfg.model.name}"
         try:
             result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume, started=started,
                                   device_share=device_share)
@@ -89,7 +103,49 @@ def run_experiment(
         tracked.set_tag("model.params", result.n_params)
         tracked.set_tag("model.trainable_params", result.trainable_params)
         tracked.log_dict({"rows": result.eval_table}, "eval_samples.json")
-        if cfg.tracking.log_model and result.model_dir:
-            tracked.log_artifacts(result.model_dir, "model")
+        if cfg.tracking.log_model and result.model_dir:  # an MLflow LoggedModel, its held-out scores linked to it
+            scores = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+            tracked.log_model(result.model_dir, "model", int(result.metrics.get("eval/sft_steps", 0))
+                              + cfg.grpo.steps, scores, eval_set,
+                              params={"model.params": str(result.n_params), "task": cfg.task.name},
+                              tags={"recipe.model": cfg.model.name, "lora": str(cfg.model.lora is not None).lower()})
     result.run_id = tracked.run_id
     return result
+
+
+def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]) -> tuple[dict, dict]:
+    """The run's training and held-out data as MLflow dataset fields (name, digest, source, schema, profile).
+
+    Held out: the problems actually evaluated (question, answer). Training: a dataset task's training rows from its
+    file; a generated task's generator (task params and seed: digest and planned size, the draws are not kept)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    def frame(problems: list[Problem]) -> pd.DataFrame:
+        return pd.DataFrame({"question": [task.question(p) for p in problems],
+                             "answer": [task.answer(p) for p in problems]})
+
+    def entity(df: pd.DataFrame, source, name: str) -> dict:
+        with warnings.catch_warnings():  # a file path "can be interpreted in multiple ways": all of them local
+            warnings.simplefilter("ignore")
+            e = mlflow.data.from_pandas(df, source=source, name=name)._to_mlflow_entity()
+        return {"name": e.name, "digest": e.digest, "source_type": e.source_type, "source": e.source,
+                "schema": e.schema, "profile": e.profile}
+
+    params = cfg.task.model_dump(mode="json")
+    path = getattr(cfg.task, "path", None)
+    eval_path = getattr(cfg.task, "eval_path", None) or path
+    eval_source = str(Path(eval_path).resolve()) if path else CodeDatasetSource(
+        {"task": cfg.task.name, "params": json.dumps(params, sort_keys=True), "seed": str(cfg.eval.seed)})
+    eval_set = entity(frame(eval_problems), eval_source, f"{cfg.task.name}-eval")
+    rows = getattr(task, "rows", None)
+    if path and rows is not None:
+        train_set = entity(frame(rows("train")), str(Path(path).resolve()), f"{cfg.task.name}-train")
+    else:
+        spec = json.dumps({"task": cfg.task.name, "params": params, "seed": cfg.seed}, sort_keys=True)
+        planned = cfg.sft.steps * cfg.sft.batch_size + cfg.grpo.steps * cfg.grpo.prompts_per_step
+        train_set = {"name": f"{cfg.task.name}-train", "digest": hashlib.sha256(spec.encode()).hexdigest()[:8],
+                     "source_type": "code", "source": json.dumps({"tags": {"generator": spec}}), "schema": None,
+                     "profile": json.dumps({"num_rows": planned, "drawn": "at random from the generator"})}
+    return train_set, eval_set

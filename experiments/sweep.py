@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.config import ExperimentConfig, SearchDim, load_config
 from experiments.runner import run_experiment
-from tracking.run import experiment_id, open_client
+from tracking.run import experiment_id, open_client, safe_uri
 
 PARENT_ATTR = "mlflow_parent_run_id"
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -170,15 +170,16 @@ def worker_slots(device: str, workers: int) -> list[tuple[int | None, float]]:
     return gpu_slots(workers, gpus)
 
 
-def parent_run(client: MlflowClient, cfg: ExperimentConfig, study: optuna.Study) -> str:
-    """The sweep's parent run: created with the study, reopened (RUNNING) when the sweep is resumed."""
+def parent_run(client: MlflowClient, cfg: ExperimentConfig, study: optuna.Study, storage: str = "") -> str:
+    """The sweep's parent run: created with the study (its storage and name as tags, so the study can be found
+    from the run), reopened (RUNNING) when the sweep is resumed."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id
     assert cfg.sweep is not None
-    tags = {"phase": "sweep", "optuna.study": study.study_name, "project": cfg.name,
-            "sweep.metric": cfg.sweep.metric, "sweep.direction": cfg.sweep.direction}
+    tags = {"phase": "sweep", "optuna.study": study.study_name, "optuna.storage": safe_uri(storage),
+            "project": cfg.name, "sweep.metric": cfg.sweep.metric, "sweep.direction": cfg.sweep.direction}
     run = client.create_run(experiment_id(client, cfg.name, Path(cfg.tracking.root)), tags=tags,
                             run_name=study.study_name)
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
@@ -196,11 +197,15 @@ def finish_parent(client: MlflowClient, run_id: str, study: optuna.Study, metric
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     now = int(time.time() * 1000)
     metrics = [Metric(f"sweep/trials_{k}", float(v), now, 0) for k, v in counts.items() if v]
-    tags = []
+    done = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials"
+    tags = [RunTag("mlflow.note.content", f"Optuna study {study.study_name}: {done}; no trial finished yet")]
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
         best = study.best_trial
         metrics.append(Metric(f"best/{metric}", float(best.value), now, 0))
+        setting = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in best.params.items())
         tags = [RunTag("best.trial", str(best.number))] + [RunTag(f"best.{k}", str(v)) for k, v in best.params.items()]
+        tags.append(RunTag("mlflow.note.content", f"Optuna study {study.study_name}: {done}; best trial "
+                           f"{best.number} ({metric} = {best.value:.4g}; {setting})"))
     client.log_batch(run_id, metrics=metrics, tags=tags)
     client.set_terminated(run_id, status)
 
@@ -219,7 +224,7 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
                      or f"{cfg.name}-sweep", total)
     study = open_study(cfg, spec.storage, spec.study)
     client = open_client(cfg.tracking.uri, Path(cfg.tracking.root))
-    parent_id = parent_run(client, cfg, study)
+    parent_id = parent_run(client, cfg, study, spec.storage)
     done = len(study.get_trials(deepcopy=False, states=DONE))
     remaining = max(0, total - done)
     shares = [remaining // workers + (1 if i < remaining % workers else 0) for i in range(workers)]

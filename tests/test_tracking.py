@@ -55,8 +55,9 @@ def test_finished_run_has_the_whole_schema(tmp_path, recorder, monkeypatch):
     result = run_experiment(_cfg(tmp_path, "tracking.log_model=true"), recorder)
     run = _client(tmp_path).get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    model_files = {f.path for f in _client(tmp_path).list_artifacts(result.run_id, "model")}
-    assert "model/model.safetensors" in model_files
+    (out,) = run.outputs.model_outputs  # the final model: a LoggedModel of the run
+    model_files = {f.path for f in _client(tmp_path).list_logged_model_artifacts(out.model_id)}
+    assert "model.safetensors" in model_files
     missing = [k for k in SCHEMA if k not in run.data.metrics]
     assert not missing, missing
     m = run.data.metrics

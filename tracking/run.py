@@ -31,6 +31,7 @@ SECRET_WORDS = ("token", "password", "secret", "key")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")  # scheme://user:PASSWORD@
 STORE_WAIT_SECONDS = 30.0  # how long a run's end (or its creation) waits for an unreachable store
 MAX_BACKOFF_SECONDS = 60.0  # longest pause between two tries to deliver metrics while the store is down
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Training runs" view
 MAX_BUFFER = 200_000  # metric values held in memory while the store is down; beyond, they go to the spool
 # MLflow error codes a later try can cure (besides connection errors, timeouts and a server's 500)
 TRANSIENT_CODES = frozenset({
@@ -153,16 +154,19 @@ def open_client(uri: str | None = None, root: Path = DEFAULT_ROOT, wait: float |
 
 def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) -> str:
     """The id of experiment `name`, created (artifacts under `<root>/artifacts/`) when missing; safe when
-    several processes create it at once."""
+    several processes create it at once. It is marked as model training (`mlflow.experimentKind`), so the MLflow
+    UI opens it on its runs table, not on the GenAI overview."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND) != TRAINING:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, TRAINING)
         return exp.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:"):
         folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "experiment"  # no '/', no '..'
         artifacts = (Path(root) / "artifacts" / folder).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
+        return client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND: TRAINING})
     except MlflowException as e:
         exp = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
         if exp is None:  # not the race of two processes creating it: a real error
@@ -220,9 +224,10 @@ class TrackedRun:
     Metrics are buffered and sent with `log_batch` at most every `flush_seconds` (and at the end), together
     with `cost/usd` (from `compute/device_seconds` and the price table) and a `heartbeat` timestamp. The run is
     billed until it ends: the time after the trainer's last compute metrics (saving, logging the model) is added
-    at the end to `compute/device_seconds/other` for the `devices` it holds (0: only what the trainer measured). `system_metrics` starts MLflow's own
-    sampler of CPU, memory, disk, network and GPU use (`system/*`). An exception of a `pruned_on` type (an
-    Optuna trial pruned) ends the run KILLED with the tag `pruned=true`.
+    at the end to `compute/device_seconds/other` for the `devices` it holds (0: only what the trainer
+    measured). With a `summary` set, the run's fate writes its one-line description (`mlflow.note.content`).
+    `system_metrics` starts MLflow's own sampler of CPU, memory, disk, network and GPU use (`system/*`). An
+    exception of a `pruned_on` type (an Optuna trial pruned) ends the run KILLED with the tag `pruned=true`.
 
     The store may go away during the run (a server restarted, a database locked by another writer): training
     goes on, the metrics stay buffered and are sent again with backoff (1 s doubling to 60 s) until the store
@@ -279,6 +284,8 @@ class TrackedRun:
         self._retry_at = 0.0  # monotonic time before which no new delivery is tried
         self._last_flush = time.monotonic()
         self.last: dict[str, float] = {}
+        self.summary = ""  # what the run is ("arithmetic on nano"): opens its description (`mlflow.note.content`)
+        self.unit = str(tags.get("device.unit", "device"))
         self.devices = devices
         self._compute_at: tuple[float, int] | None = None  # (monotonic time, step) of the last compute metrics
         self.monitor = None
@@ -384,6 +391,20 @@ class TrackedRun:
         self._record({"kind": "artifacts", "local_dir": str(Path(local_dir).resolve()),
                       "artifact_path": artifact_path})
 
+    def log_dataset(self, dataset: dict[str, str | None], context: str) -> None:
+        """Record a dataset (an MLflow Dataset's fields: name, digest, source_type, source, schema, profile) as an
+        input of the run, used as `context` ('train', 'eval')."""
+        self._record({"kind": "dataset", "context": context, "dataset": dataset})
+
+    def log_model(self, local_dir: str | Path, name: str, step: int, metrics: dict[str, float],
+                  dataset: dict[str, str | None] | None = None, params: dict[str, str] | None = None,
+                  tags: dict[str, str] | None = None) -> None:
+        """Log a model folder as an MLflow LoggedModel of this run (an output at `step`), with `metrics` linked to
+        it and to `dataset` (the one they were measured on)."""
+        self._record({"kind": "logged_model", "name": name, "local_dir": str(Path(local_dir).resolve()),
+                      "step": step, "timestamp": int(time.time() * 1000), "dataset": dataset, "params": params,
+                      "tags": tags, "metrics": {k: float(v) for k, v in metrics.items() if v == v}})
+
     def __enter__(self) -> TrackedRun:
         return self
 
@@ -405,6 +426,8 @@ class TrackedRun:
             status = RunStatus.to_string(RunStatus.FAILED)
             tags |= {"error.class": exc_type.__name__, "error.message": str(exc)[:5000]}
         self._bill_to_end()
+        if self.summary:
+            tags["mlflow.note.content"] = describe(self.summary, self.last, status, self.unit)
         try:
             self.finish(status, tags)
         except Exception as e:
@@ -464,6 +487,23 @@ class TrackedRun:
                     "(deliver them with `rlscale runs sync`)", safe_uri(self.client.tracking_uri), self.run_id,
                     status, path)
         return path
+
+
+def describe(what: str, m: dict[str, float], status: str, unit: str = "device") -> str:
+    """A run's one-line description: what it is, SFT -> RL accuracy, self-verification, compute, cost, fate."""
+    parts = [what]
+    if "eval/accuracy" in m and "eval/sft_accuracy" in m:
+        parts.append(f"held-out accuracy {m['eval/sft_accuracy']:.1%} after SFT -> {m['eval/accuracy']:.1%} after "
+                     f"RL ({100 * (m['eval/accuracy'] - m['eval/sft_accuracy']):+.1f} points)")
+    elif "eval/accuracy" in m:
+        parts.append(f"held-out accuracy {m['eval/accuracy']:.1%}")
+    if "eval/verify_balanced_accuracy" in m:
+        parts.append(f"self-verification {m['eval/verify_balanced_accuracy']:.1%} balanced accuracy")
+    if "compute/flops" in m:
+        parts.append(f"{m['compute/flops']:.3g} FLOPs, {m.get('compute/gpu_hours', 0.0):.3g} {unit}-hours, "
+                     f"${m.get('cost/usd', 0.0):.4g}")
+    parts.append(status.lower())
+    return "; ".join(parts)
 
 
 def _first_line(exc: BaseException) -> str:

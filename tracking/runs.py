@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +23,29 @@ def experiment_ids(client: MlflowClient, names: list[str] | None = None) -> list
             raise ValueError(f"no experiment named {name!r} in the store")
         ids.append(exp.experiment_id)
     return ids
+
+
+VIEW_KEY = "rlscale"  # the experiments' saved runs-table view: `#/experiments/<id>?viewStateShareKey=rlscale`
+VIEW_COLUMNS = ["attributes.`Dataset`", "attributes.`Models`", "attributes.`Source`", "attributes.`Description`",
+                "tags.`phase`", "tags.`model.name`", "metrics.`eval/accuracy`", "metrics.`eval/rl_gain`",
+                "metrics.`eval/verify_balanced_accuracy`", "metrics.`compute/flops`", "metrics.`cost/usd`"]
+
+
+def save_runs_view(client: MlflowClient, names: list[str] | None = None) -> dict[str, str]:
+    """Save the runs table that matters (phase, model, accuracy and RL gain, self-verification, FLOPs, cost; newest
+    first) as a shared view of each named experiment (all when none are named); returns name -> experiment id.
+
+    It is MLflow's own shared-view mechanism: an experiment tag `mlflow.sharedViewState.rlscale` that the UI applies
+    when the URL carries `viewStateShareKey=rlscale`."""
+    view = json.dumps({"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False,
+                       "runsHiddenMode": "SHOW_ALL"})
+    out = {}
+    for exp_id in experiment_ids(client, names):
+        exp = client.get_experiment(exp_id)
+        if exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
+            client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
+        out[exp.name] = exp_id
+    return out
 
 
 def reconcile(client: MlflowClient, names: list[str] | None = None, stale_seconds: float = 90.0) -> list[str]:

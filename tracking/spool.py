@@ -10,11 +10,14 @@ at most leave a torn last line, which is ignored. The first line names the run a
     {"kind": "tags", "tags": {"error.class": "RuntimeError", ...}}
     {"kind": "dict", "artifact_file": "eval_samples.json", "data": {...}}
     {"kind": "artifacts", "local_dir": "/abs/outputs/run/final", "artifact_path": "model"}
+    {"kind": "dataset", "context": "eval", "dataset": {"name": ..., "digest": ..., "source_type": ..., ...}}
+    {"kind": "logged_model", "name": "model", "local_dir": "/abs/outputs/run/final", "metrics": {...}, ...}
     {"kind": "status", "status": "FINISHED", "end_time": 1712345679000}
 
 `sync_spool` (`rlscale runs sync`) replays each file in order and deletes it only after every record was
-accepted. Replaying is idempotent (MLflow drops a metric identical to one it holds; tags, artifacts and the
-status are overwritten), so a sync that is interrupted can simply be run again.
+accepted. Replaying is idempotent (MLflow drops a metric identical to one it holds; tags, artifacts, datasets and
+the status are overwritten; a LoggedModel the run already has is not made again), so a sync that is interrupted
+can simply be run again.
 """
 
 from __future__ import annotations
@@ -152,6 +155,13 @@ def deliver(client, run_id: str, record: dict[str, Any]) -> int:
     elif kind == "artifacts":
         if Path(record["local_dir"]).is_dir():
             client.log_artifacts(run_id, record["local_dir"], record.get("artifact_path"))
+    elif kind == "dataset":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        tags = [InputTag("mlflow.data.context", record["context"])]
+        client.log_inputs(run_id, [DatasetInput(Dataset(**record["dataset"]), tags)])
+    elif kind == "logged_model":
+        _deliver_model(client, run_id, record)
     elif kind == "status":
         run = client.get_run(run_id)
         if "reconciled" in run.data.tags:  # marked KILLED while the run was in fact ending: the spool knows
@@ -160,6 +170,30 @@ def deliver(client, run_id: str, record: dict[str, Any]) -> int:
     else:
         raise ValueError(f"unknown spool record kind {kind!r}")
     return 0
+
+
+def _deliver_model(client, run_id: str, record: dict[str, Any]) -> None:
+    """The run's final model as an MLflow LoggedModel: its files, linked to the run as an output at `step`, with
+    the run's held-out metrics linked to it and to the eval dataset."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    if not Path(record["local_dir"]).is_dir():
+        return
+    exp_id = client.get_run(run_id).info.experiment_id
+    done = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+    if any(m.name == record["name"] and str(m.status) == "READY" for m in done):
+        return
+    model = client.create_logged_model(exp_id, record["name"], source_run_id=run_id, params=record.get("params"),
+                                       tags=record.get("tags"))
+    client.log_model_artifacts(model.model_id, record["local_dir"])
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, int(record["step"]))])
+    ds = record.get("dataset") or {}
+    metrics = [Metric(k, float(v), int(record["timestamp"]), int(record["step"]), model_id=model.model_id,
+                      dataset_name=ds.get("name"), dataset_digest=ds.get("digest"), run_id=run_id)
+               for k, v in record["metrics"].items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def sync_file(path: str | Path, uri: str | None = None,

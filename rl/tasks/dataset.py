@@ -223,6 +223,10 @@ class DatasetTask(Task):
             self._split = {"train": train, "eval": held_out}
         self._all = self._split["train"] + self._split["eval"]
 
+    def rows(self, split: str) -> list[Problem]:
+        """Every distinct problem of `split` ('train' or 'eval'), in file order."""
+        return list(self._split[split])
+
     def _load(self, path: str) -> list[Problem]:
         """The distinct problems of one file, in file order."""
         p = self.params
