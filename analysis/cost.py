@@ -22,7 +22,8 @@ METHODS = {"usd": ("usd",), "gpu_hours": ("gpu_hours", "usd_per_gpu_hour"), "hou
            "capex": ("capex_usd", "amortization_years", "used_years")}
 NO_PHASE = "(none)"
 
-Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+MAX_AMOUNT = 1e15  # any amount, hours or rate above a quadrillion is a typo; it also keeps every total finite
+Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 
 
 class LedgerError(ValueError):
@@ -89,6 +90,8 @@ def load_ledger(path: str | Path) -> pd.DataFrame:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise LedgerError(f"{p}: cannot read ledger: {e}") from None
+    except RecursionError:
+        raise LedgerError(f"{p}: cannot read ledger: nested too deeply") from None
     if set(data) - {"item"}:
         raise LedgerError(f"{p}: unknown top-level key(s) {', '.join(sorted(set(data) - {'item'}))}; "
                           "a ledger holds only [[item]] tables")

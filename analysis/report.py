@@ -13,11 +13,13 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -74,20 +76,21 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     `log_to_mlflow`, the files become the artifacts of a new run tagged phase=report in the experiment "reports"
     (artifacts under `<root>/artifacts/reports` on the embedded SQLite store). With `prices`, every run's cost is
     recomputed with that price table."""
-    uri = tracking_uri(uri, Path(root))
     out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    ledger_items = load_ledger(ledger) if ledger else None  # everything is read and checked before anything is written
     runs = load_runs(uri, experiments, root=root)
     runs = runs[_phase(runs) != "report"].reset_index(drop=True)
     if prices is not None:
         runs = reprice(runs, prices)
-    cost = project_cost(runs, load_ledger(ledger) if ledger else None, final_run_id)
+    cost = project_cost(runs, ledger_items, final_run_id)
     points = score_points(runs)
     fits, fitted = fit_scores(points[COMPUTE].to_numpy(), points[SCORE].to_numpy())
     fits["run_ids"] = list(points["run_id"])
-    pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
-            "score_vs_data": _plot_score_vs_data(points), "cost_breakdown": _plot_cost_breakdown(cost),
-            "spend_over_time": _plot_spend(runs, cost), "total_vs_final": _plot_total_vs_final(cost)}
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names in plots are literal text
+        pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
+                "score_vs_data": _plot_score_vs_data(points), "cost_breakdown": _plot_cost_breakdown(cost),
+                "spend_over_time": _plot_spend(runs, cost), "total_vs_final": _plot_total_vs_final(cost)}
+    (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = {name: out / "plots" / f"{name}.png" for name in pngs}
     for name, png in pngs.items():
         plots[name].write_bytes(png)
@@ -97,10 +100,11 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
              "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
     files["html"].write_text(_html(title, blocks, pngs), encoding="utf-8")
     files["markdown"].write_text(_markdown(title, blocks), encoding="utf-8")
-    runs.to_csv(files["runs_csv"], index=False)
-    files["cost_json"].write_text(json.dumps(_json_ready(cost), indent=2), encoding="utf-8")
-    files["fits_json"].write_text(json.dumps(_json_ready(fits), indent=2), encoding="utf-8")
-    run_id = _log_report(uri, Path(root), list(files.values()), out / "plots", experiments) if log_to_mlflow else None
+    csv_safe(runs).to_csv(files["runs_csv"], index=False)
+    files["cost_json"].write_text(json_text(cost), encoding="utf-8")
+    files["fits_json"].write_text(json_text(fits), encoding="utf-8")
+    run_id = (_log_report(tracking_uri(uri, Path(root)), Path(root), list(files.values()), out / "plots", experiments)
+              if log_to_mlflow else None)
     return ReportResult(out=out, **files, plots=plots, cost=cost, fits=fits, report_run_id=run_id)
 
 
@@ -276,17 +280,26 @@ def _cells(df: pd.DataFrame) -> pd.DataFrame:
     return df.map(_num).astype(str)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|~$])")
+
+
+def md(text: object) -> str:
+    """Text made literal in Markdown (the one path every report.md value takes): HTML escaped, Markdown's special
+    characters backslash-escaped (a '|' cannot end a table cell), one line."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).splitlines()), quote=False))
+
+
 def _markdown(title: str, blocks: list[Block]) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {md(title)}", ""]
     for kind, item in blocks:
         if kind == "h2":
-            lines += [f"## {item}", ""]
+            lines += [f"## {md(item)}", ""]
         elif kind == "p":
-            lines += [item, ""]
+            lines += [md(item), ""]
         elif kind == "table":
             cells = _cells(item)
-            lines += ["| " + " | ".join(cells.columns) + " |", "|" + " --- |" * len(cells.columns)]
-            lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)] + [""]
+            lines += ["| " + " | ".join(map(md, cells.columns)) + " |", "|" + " --- |" * len(cells.columns)]
+            lines += ["| " + " | ".join(map(md, row)) + " |" for row in cells.itertuples(index=False)] + [""]
         else:
             lines += [f"![{PLOTS[item]}](plots/{item}.png)", ""]
     return "\n".join(lines)
@@ -433,6 +446,20 @@ def _plot_total_vs_final(cost: dict[str, Any]) -> bytes:
 
 
 # ---- output ----
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON (the one path every JSON output takes): NaN and infinities are null, never `NaN`/`Infinity`."""
+    return json.dumps(_json_ready(value), indent=indent, allow_nan=False)
+
+
+def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """A table safe to open in a spreadsheet (the one path every CSV takes): a text cell that starts like a formula
+    ('=', '+', '-', '@', or a tab or CR before one) is prefixed with a quote, so it stays text."""
+    def cell(v: Any) -> Any:
+        return f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+
+    return df.map(cell)
+
 
 def _json_ready(value: Any) -> Any:
     """Plain JSON values: NaN and inf become null, numpy numbers Python ones."""

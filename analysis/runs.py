@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,14 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, *, p
     statuses = _statuses(status)
     wanted = (tags or {}) | ({"phase": phase} if phase else {})
     conditions = [_tag_condition(k, v) for k, v in wanted.items()]
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    db = Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
+    if uri is None:
+        db = Path(root) / "mlflow.db"
+    if db is not None and not db.is_file():  # never created: an empty store, left uncreated (reading writes nothing)
+        if experiments:
+            raise RunsError(f"no store at {db}, so no experiment named {experiments[0]!r}")
+        return pd.DataFrame(columns=CORE_COLUMNS)
     uri = tracking_uri(uri, Path(root))
     try:
         probe_database(uri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,15 +20,16 @@ from rich.table import Table
 from experiments.config import ConfigError, ExperimentConfig, load_config, schema_rows
 from experiments.runner import run_experiment
 from rl.checkpoint import STOP
-from rl.pipeline import InputError
+from rl.pipeline import InputError, env_rank
 from tracking.cost import PriceError
-from tracking.run import StoreError
+from tracking.run import StoreError, safe_uri
 
 app = typer.Typer(
     help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are literal: "[sweep]" is a TOML table, not markup
 )
 console = Console(stderr=True)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key.sub=value.")]
@@ -39,11 +41,25 @@ def _root() -> None:
     """rlscale: what it costs to make a model better with RL, and how that cost scales."""
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal control bytes (ESC, CSI, BEL...); not \t \n
+
+
+def plain(text: object) -> str:
+    """Text from data (names, tags, messages) made safe to print: control bytes shown as '?', URL passwords masked."""
+    return _CONTROL.sub("?", safe_uri(str(text)))
+
+
+def term(text: object) -> str:
+    """`plain` text for rich output (tables, progress, errors): its markup escaped, so '[/x]' prints as is."""
+    return escape(plain(text))
+
+
 def fail(message: str, debug: bool = False) -> None:
     """One clear error line and exit code 2 (the traceback only with --debug)."""
     if debug:
         console.print_exception()
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    line = " ".join(str(message).split("\n"))
+    console.print(f"[bold red]error:[/] {term(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -71,7 +87,7 @@ class ProgressCallback:
     def __init__(self, sft_steps: int, rl_steps: int, progress: Progress | None = None, label: str = ""):
         self.sft_steps = sft_steps  # SFT may stop early; RL steps are placed after the whole SFT budget
         self.total = sft_steps + rl_steps
-        self.progress, self.owned, self.label, self.task = progress, progress is None, label, None
+        self.progress, self.owned, self.label, self.task = progress, progress is None, term(label), None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.progress is None:
@@ -123,8 +139,8 @@ def train(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "experiments.cli", *argv]
         raise typer.Exit(subprocess.call(cmd))
-    rank = int(os.environ.get("RANK", "0"))
     try:
+        rank = env_rank()
         cfg = load_config(config, set_)
         bar = ProgressCallback(cfg.sft.steps, cfg.grpo.steps) if rank == 0 else Quiet()
         try:
@@ -136,21 +152,22 @@ def train(
         return
     if rank != 0:
         return
-    table = Table(title=f"{cfg.name}: {cfg.model.name} on {cfg.task.name}")
+    table = Table(title=term(f"{cfg.name}: {cfg.model.name} on {cfg.task.name}"))
     table.add_column("metric")
     table.add_column("after SFT", justify="right")
     table.add_column("after RL", justify="right")
     for key, value in result.metrics.items():
         if key.startswith("eval/") and "/sft_" not in key and key != "eval/rl_gain":
             before = result.sft_metrics.get(key)
-            table.add_row(key, "" if before is None else f"{before:.3f}", f"{value:.3f}")
+            table.add_row(term(key), "" if before is None else f"{before:.3f}", f"{value:.3f}")
     Console().print(table)
     print(f"model saved to {result.model_dir}")
     if result.run_id:
-        print(f"MLflow run {result.run_id} in experiment {cfg.name!r}")
+        print(plain(f"MLflow run {result.run_id} in experiment {cfg.name!r}"))
 
 
-model_app = typer.Typer(help="Models: turn a GGUF file into a local Hugging Face folder.", no_args_is_help=True)
+model_app = typer.Typer(help="Models: turn a GGUF file into a local Hugging Face folder.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(model_app, name="model")
 
 
@@ -183,7 +200,8 @@ def model_import(
     print(folder)
 
 
-config_app = typer.Typer(help="Experiment configs: show one resolved, print the schema.", no_args_is_help=True)
+config_app = typer.Typer(help="Experiment configs: show one resolved, print the schema.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 
 
@@ -221,7 +239,7 @@ def config_schema(as_json: Annotated[bool, typer.Option("--json", help="JSON Sch
     for col in ("key", "type", "default", "description"):
         table.add_column(col, overflow="fold")
     for row in schema_rows():
-        table.add_row(*row)
+        table.add_row(*map(term, row))
     Console().print(table)
 
 
@@ -244,12 +262,13 @@ def sweep(
       rlscale sweep experiments/sweep_grpo.toml --storage postgresql://user@127.0.0.1/optuna --study grpo-lr
       optuna-dashboard mlruns/optuna.log        # browse the study (pip install optuna-dashboard)
     """
-    from experiments.sweep import run_sweep
+    from experiments.sweep import journal_path, run_sweep
 
     try:
         cfg = load_config(config, set_)
         if cfg.sweep is None or not cfg.sweep.space:
             raise ValueError(f"{config}: no [sweep] with a search space (sweep.space)")
+        journal_path(storage or cfg.sweep.storage or "")  # a storage of no accepted form stops here, before a bar
         with new_progress() as progress:
             task = progress.add_task("sweep trials", total=trials)
 
@@ -264,16 +283,17 @@ def sweep(
     except (ConfigError, InputError, PriceError, StoreError, ValueError) as e:
         fail(str(e), debug)
         return
-    table = Table(title=f"study {result.study_name}")
+    table = Table(title=term(f"study {result.study_name}"))
     for col in ("trial", "state", "value", "params"):
         table.add_column(col)
     for t in result.get_trials(deepcopy=False):
         table.add_row(str(t.number), t.state.name, "" if t.value is None else f"{t.value:.4f}",
-                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()))
+                      term(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in t.params.items())))
     Console().print(table)
     complete = [t for t in result.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if complete:
-        print(f"best trial {result.best_trial.number}: {result.best_value:.4f} {result.best_params}")
+        print(plain(f"best trial {result.best_trial.number}: {result.best_value:.4f} {result.best_params}"))
 
 
 @app.command()
@@ -318,7 +338,7 @@ def grid(
     print(f"grid: {len(points)} points, {skipped} already finished, {len(points) - skipped - len(failed)} run now, "
           f"{len(failed)} failed")
     for line in failed:
-        print(f"  failed: {line}")
+        print(plain(f"  failed: {line}"))
     if failed:
         raise typer.Exit(1)
 
@@ -342,20 +362,20 @@ def ui(
     """
     import subprocess
 
-    from mlflow.tracking import MlflowClient
-
-    from tracking.run import safe_uri, tracking_uri
+    from tracking.run import tracking_uri
     from tracking.runs import VIEW_KEY, save_runs_view
 
     store = tracking_uri(uri)
     try:
-        views = save_runs_view(MlflowClient(store), experiment)
+        views = save_runs_view(_client(store), experiment)
+    except typer.Exit:
+        raise
     except Exception as e:  # an unreadable store, an unknown experiment: one line
-        fail(safe_uri(str(e).splitlines()[0] if str(e) else type(e).__name__), debug)
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, debug)
         return
     print(f"MLflow UI on http://{host}:{port} (store {safe_uri(store)}); Ctrl-C stops it", flush=True)
     for name, exp_id in views.items():
-        print(f"  {name}: http://{host}:{port}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}",
+        print(f"  {plain(name)}: http://{host}:{port}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}",
               flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
            "--backend-store-uri", store, "--workers", "1"]
@@ -369,18 +389,9 @@ def ui(
 
 
 def _load_runs_or_empty(uri: str | None, experiments: list[str] | None):
-    """Runs of the store; none (not an error) when the default embedded store was never created."""
-    import os
-    from pathlib import Path
+    """Runs of the store; none (not an error) when the embedded store was never created."""
+    from analysis.runs import load_runs
 
-    import pandas as pd
-
-    from analysis.runs import CORE_COLUMNS, load_runs
-
-    if uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlruns/mlflow.db").is_file():
-        if experiments:
-            raise ValueError(f"no store at mlruns/mlflow.db, so no experiment named {experiments[0]!r}")
-        return pd.DataFrame(columns=CORE_COLUMNS)
     return load_runs(uri, experiments)
 
 
@@ -412,6 +423,7 @@ def cost(
       rlscale cost --prices my_prices.toml                # every run repriced with another table
     """
     from analysis.cost import cost_table, load_ledger, project_cost, reprice
+    from analysis.report import json_text
 
     try:
         runs = _load_runs_or_empty(uri, experiment)
@@ -422,14 +434,14 @@ def cost(
         fail(str(e), debug)
         return
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result))
         return
     table = Table(title="project cost")
     df = cost_table(result)
     for col in ("category", "usd", "share %", *(f"{u}-hours" for u in result["device_hours"])):
         table.add_column(col, justify="left" if col == "category" else "right")
     for r in df.itertuples(index=False):
-        table.add_row(r[0], f"{r[1]:,.2f}", f"{r[2]:.1f}", *(f"{h:,.4f}" for h in r[3:]))
+        table.add_row(term(r[0]), f"{r[1]:,.2f}", f"{r[2]:.1f}", *(f"{h:,.4f}" for h in r[3:]))
     Console().print(table)
     ratio = result["ratio_total_to_final"]
     print(f"total ${result['total_usd']:,.2f}; final run "
@@ -465,8 +477,8 @@ def prices(
     for col in ("key", "devices matched", "$/h", "unit", "source", "date"):
         out.add_column(col, justify="right" if col == "$/h" else "left", overflow="fold")
     for e in entries.values():
-        out.add_row(e.key, escape(", ".join(e.names) or ("any CPU" if e.unit == "vCPU" else "-")),
-                    f"{e.usd_per_hour:g}", e.unit, escape(e.source), e.date)
+        out.add_row(term(e.key), term(", ".join(e.names) or ("any CPU" if e.unit == "vCPU" else "-")),
+                    f"{e.usd_per_hour:g}", term(e.unit), term(e.source), term(e.date))
     Console().print(out)
 
 
@@ -480,6 +492,8 @@ def fit(
     exclude_below: Annotated[float | None, typer.Option("--exclude-below", help="Drop points with x below this.")
                              ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap refits for the intervals (0: none; "
+                                           "fewer is faster on large files).")] = 200,
     debug: DebugOpt = False,
 ) -> None:
     """Fit a scaling form to a CSV from anywhere: parameters, 95% bootstrap intervals and fit quality.
@@ -489,23 +503,24 @@ def fit(
       rlscale fit --csv chinchilla.csv --x N --x2 D --y loss --form chinchilla --json
     """
     from analysis.fits import FORMS, fit_csv
+    from analysis.report import json_text
 
     if form not in FORMS:
         fail(f"--form {form!r}: choose one of {', '.join(FORMS)}", debug)
     try:
-        result = fit_csv(csv, x, y, form, x2, exclude_below)
+        result = fit_csv(csv, x, y, form, x2, exclude_below, n_boot=bootstrap)
     except (ValueError, OSError) as e:
         fail(str(e), debug)
         return
     if as_json:
-        print(json.dumps(result.to_dict()))
+        print(json_text(result.to_dict(), indent=None))
         return
-    table = Table(title=f"{form} fit of {y} on {x}" + (f" and {x2}" if x2 else ""))
+    table = Table(title=term(f"{form} fit of {y} on {x}" + (f" and {x2}" if x2 else "")))
     for col in ("param", "estimate", "95% low", "95% high"):
         table.add_column(col, justify="left" if col == "param" else "right")
     for k, v in result.params.items():
         lo, hi = result.ci.get(k, (float("nan"), float("nan")))
-        table.add_row(k, f"{v:.6g}", f"{lo:.6g}", f"{hi:.6g}")
+        table.add_row(term(k), f"{v:.6g}", f"{lo:.6g}", f"{hi:.6g}")
     Console().print(table)
     print(f"r2 {result.r2:.4f}, rmse {result.rmse:.4g}, {result.n} points"
           + (f" ({result.n_excluded} excluded below {exclude_below:g})" if result.n_excluded else ""))
@@ -542,18 +557,20 @@ def report(
     print("browse the runs: rlscale ui   (then open http://127.0.0.1:5000)")
 
 
-runs_app = typer.Typer(help="Runs in the store: list, reconcile, sync.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs in the store: list, reconcile, sync.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(runs_app, name="runs")
 UriOpt = Annotated[str | None, typer.Option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or mlruns/).")]
 ExpOpt = Annotated[list[str] | None, typer.Option("--experiment", help="Experiment name (repeatable).")]
 
 
 def _client(uri: str | None):
-    from mlflow.tracking import MlflowClient
+    """A client of the store, or one error line within seconds when it does not answer."""
+    from tracking.run import open_client
 
-    from tracking.run import tracking_uri
-
-    return MlflowClient(tracking_uri(uri))
+    try:
+        return open_client(uri, wait=5.0)
+    except StoreError as e:
+        fail(str(e))
 
 
 @runs_app.command("list")
@@ -579,7 +596,8 @@ def runs_list(experiment: ExpOpt = None, uri: UriOpt = None, debug: DebugOpt = F
         return "" if x is None else format(x, spec)
 
     for r in rows:
-        table.add_row(r["name"], r["status"], r["phase"], fmt(r["flops"], ".3g"), fmt(r["device_hours"], ".4f"),
+        table.add_row(term(r["name"]), term(r["status"]), term(r["phase"]), fmt(r["flops"], ".3g"),
+                      fmt(r["device_hours"], ".4f"),
                       fmt(r["cost_usd"], ".4f"), fmt(r["accuracy"], ".3f"))
     Console().print(table)
 
@@ -629,7 +647,7 @@ def runs_sync(
         return
     print(f"synced {len(result.synced)} run(s), {result.metrics} metric value(s)")
     for path, error in result.failed.items():
-        print(f"  not synced: {path}: {error}")
+        print(plain(f"  not synced: {path}: {error}"))
     if result.failed:
         raise typer.Exit(1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,8 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:40]!r}...: nested too deeply") from None
 
 
 def set_value(data: dict, key: str, value: Any, where: str) -> None:
@@ -150,6 +153,8 @@ def load_config(
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{where}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: not valid TOML: nested too deeply") from None
     for o in overrides or []:
         apply_override(data, o)
     for k, v in (values or {}).items():
@@ -178,9 +183,31 @@ def _validate(data: dict, where: str) -> ExperimentConfig:
     if isinstance(data.get("task"), dict):
         data["task"].setdefault("name", "arithmetic")  # the default task, as when [task] is absent
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, where)) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    _check_numbers(cfg.model_dump(), where)
+    return cfg
+
+
+INT_RANGE = (-(2**63), 2**63 - 1)  # what torch, numpy and the stores hold
+
+
+def _check_numbers(data: Any, where: str, key: str = "") -> None:
+    """The config's one number policy: every float finite, every int a 64-bit integer (checked before anything is
+    created, so nothing fails halfway)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_numbers(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list | tuple):
+        for i, v in enumerate(data):
+            _check_numbers(v, where, f"{key}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{where}: {key}: must be a finite number (got {data!r})")
+    elif isinstance(data, int) and not isinstance(data, bool) and not INT_RANGE[0] <= data <= INT_RANGE[1]:
+        raise ConfigError(f"{where}: {key}: out of range (got {data:.3g}; at most 2**63 - 1)")
 
 
 def schema_rows(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:

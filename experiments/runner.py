@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shlex
@@ -23,6 +24,8 @@ from rl.pipeline import RunResult, check_inputs, run_pipeline
 from rl.tasks import Problem, Task
 from tracking.cost import device_key, load_price_table
 from tracking.run import TrackedRun, flatten, git_info, masked, open_client, safe_uri
+
+log = logging.getLogger(__name__)
 
 
 class Fanout:
@@ -80,6 +83,10 @@ def run_experiment(
     id_file = Path(cfg.output_dir) / "mlflow_run_id"
     resume_id = id_file.read_text().strip() if resume and id_file.is_file() else None
     if resume_id and latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None:
+        resume_id = None
+    if resume_id and not _run_exists(client, resume_id):  # the store was switched since: a new run here
+        log.warning("the checkpoint in %s belongs to run %s, which is not in the store %s: the resumed training is "
+                    "recorded as a new run there", cfg.output_dir, resume_id, safe_uri(client.tracking_uri))
         resume_id = None
     run_params = flatten(cfg.model_dump(exclude={"sweep", "grid"})) | (params or {})
     prices = {k: e.usd_per_hour for k, e in table.items()}
@@ -149,3 +156,15 @@ def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]
                      "source_type": "code", "source": json.dumps({"tags": {"generator": spec}}), "schema": None,
                      "profile": json.dumps({"num_rows": planned, "drawn": "at random from the generator"})}
     return train_set, eval_set
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise

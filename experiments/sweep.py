@@ -66,6 +66,27 @@ def storage_url(cfg: ExperimentConfig) -> str:
     return str(root / "optuna.log")
 
 
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
+STORAGE_FORMS = ("a journal file path (mlruns/optuna.log, or journal:///abs/path/optuna.log) or an RDB URL "
+                 "(postgresql://user@host/db, mysql://..., sqlite:///file.db)")
+
+
+def journal_path(storage: str) -> str | None:
+    """The journal file of a study storage (a path, or `journal:` + path), None for an RDB URL; any other form is a
+    ValueError naming the accepted ones."""
+    if storage.startswith("journal:"):
+        path = storage.removeprefix("journal:").removeprefix("//")
+        if not path:
+            raise ValueError(f"sweep storage {storage!r}: no file; use {STORAGE_FORMS}")
+        return path
+    if "://" not in storage:
+        return storage
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in RDB_SCHEMES:
+        raise ValueError(f"sweep storage {safe_uri(storage)!r}: unknown kind {scheme!r}; use {STORAGE_FORMS}")
+    return None
+
+
 def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) -> optuna.Study:
     """Create or load the study (sampler seeded, worker k gets seed + k; median pruner unless 'none')."""
     sw = cfg.sweep
@@ -74,12 +95,13 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
     sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
     pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps)
               if sw.pruner == "median" else optuna.pruners.NopPruner())
-    if "://" in storage:  # RDB: heartbeats let any worker fail the trials of a dead one
+    path = journal_path(storage)
+    if path is None:  # RDB: heartbeats let any worker fail the trials of a dead one
         store: Any = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     else:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        store = optuna.storages.JournalStorage(JournalFileBackend(storage, JournalFileOpenLock(storage)))
+        store = optuna.storages.JournalStorage(JournalFileBackend(path, JournalFileOpenLock(path)))
     return optuna.create_study(storage=store, sampler=sampler, pruner=pruner, study_name=name,
                                direction=sw.direction, load_if_exists=True)
 

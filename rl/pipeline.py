@@ -73,6 +73,15 @@ def _save_atomic(model, tokenizer, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def env_rank(name: str = "RANK", default: int = 0) -> int:
+    """A torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK) as an int; anything else is an InputError."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{name}={value[:40]!r} is not an integer (set by torchrun; unset it to run alone)") from None
+
+
 def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
     """Everything that can be wrong with the input, found before anything runs or is written."""
     try:
@@ -85,6 +94,8 @@ def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
             raise ValueError("task.prompt_format = 'chat' needs a model with a chat template (model.path); "
                              "the tiny character models use 'compact'")
         pick_device(cfg.model.device)
+        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+            env_rank(name, default)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
     return task, eval_problems

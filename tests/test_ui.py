@@ -112,7 +112,8 @@ def test_run_has_datasets_model_source_and_description(ui):
     assert tags["mlflow.source.type"] == "LOCAL" and re.fullmatch(r"[0-9a-f]{40}|unknown",
                                                                      tags["mlflow.source.git.commit"])
     note = tags["mlflow.note.content"]
-    assert note.startswith("arithmetic on llama-nano; held-out accuracy ") and "after SFT ->" in note and "FLOPs" in note
+    assert note.startswith("arithmetic on llama-nano; held-out accuracy ")
+    assert "after SFT ->" in note and "FLOPs" in note
     assert "vCPU-hours" in note and note.endswith("finished")
     (out,) = run["outputs"]["model_outputs"]
     model = _get(f"{ui['url']}/api/2.0/mlflow/logged-models/{out['model_id']}")["model"]

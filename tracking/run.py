@@ -28,7 +28,8 @@ except ImportError:  # not on POSIX
 
 DEFAULT_ROOT = Path("mlruns")
 SECRET_WORDS = ("token", "password", "secret", "key")
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")  # scheme://user:PASSWORD@
+# scheme://user:PASSWORD@host, the password as SQLAlchemy and urllib read it: anything up to the '@' ('/' included)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@\s]+@")
 STORE_WAIT_SECONDS = 30.0  # how long a run's end (or its creation) waits for an unreachable store
 MAX_BACKOFF_SECONDS = 60.0  # longest pause between two tries to deliver metrics while the store is down
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Training runs" view
@@ -123,11 +124,16 @@ def tracking_uri(uri: str | None = None, root: Path = DEFAULT_ROOT) -> str:
 
 
 def probe_database(uri: str, timeout: int = 5) -> None:
-    """Connect once to a database store (PostgreSQL, MySQL, MSSQL) and raise SQLAlchemy's error if it does not
-    answer: MLflow itself retries an unreachable database for about 100 s before it gives up."""
+    """Connect once to a database store (PostgreSQL, MySQL, MSSQL) or an MLflow server and raise the connection
+    error if it does not answer: MLflow itself retries an unreachable store for minutes before it gives up."""
     import sqlalchemy
 
     dialect = uri.split(":", 1)[0].split("+", 1)[0]
+    if dialect in ("http", "https"):  # an MLflow server: does anything answer (any status: it may want a login)
+        import requests
+
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        return
     if dialect not in ("postgresql", "mysql", "mssql"):
         return
     engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout} if dialect != "mssql" else {})
@@ -175,7 +181,8 @@ def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) ->
 
 
 def safe_uri(text: str) -> str:
-    """`text` with the password of any URL in it masked (for messages and logs)."""
+    """`text` with the password of any URL in it masked: the one function every output (error lines, logs, tags,
+    params, config.json, the terminal) passes text through."""
     return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
@@ -191,7 +198,7 @@ def masked(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return [masked(v) for v in data]
     if isinstance(data, str):
-        return _URL_PASSWORD.sub(r"\g<head>***@", data)
+        return safe_uri(data)
     return data
 
 
@@ -204,7 +211,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out |= flatten(v, key + ".")
         else:
-            out[key] = "***" if _is_secret(k, v) else _URL_PASSWORD.sub(r"\g<head>***@", str(v))[:6000]
+            out[key] = "***" if _is_secret(k, v) else safe_uri(str(v))[:6000]
     return out
 
 
@@ -315,7 +322,7 @@ class TrackedRun:
         """Deliver the spool (if this run has one), the buffer, then the tags and artifacts kept while the store
         was down; raises on the first error, keeping what is left."""
         if self._spooled:
-            sync_file(self.spool.path, client_factory=lambda _uri: self.client)
+            sync_file(self.spool.path, self.client.tracking_uri, client_factory=lambda _uri: self.client)
             self._spooled = False
         while self._buffer:
             self.client.log_batch(self.run_id, metrics=self._buffer[:1000])

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,10 +91,13 @@ class Spool:
         self.path = self.directory / f"{run_id}{SUFFIX}"
 
     def append(self, records: list[dict[str, Any]]) -> Path:
-        """Append records (JSON-serialisable dicts with a `kind`), fsynced; the header line comes first."""
+        """Append records (JSON-serialisable dicts with a `kind`), fsynced; the header line comes first. A record's
+        folder (`local_dir`: an artifact folder, a model) is copied under `<spool dir>/<run_id>/` first: a sync
+        uploads nothing from anywhere else."""
         if not records:
             return self.path
         self.directory.mkdir(parents=True, exist_ok=True)
+        records = [self._keep_files(r) for r in records]
         with _locked(self.path) as fd:
             lines = []
             if os.fstat(fd).st_size == 0:
@@ -106,6 +111,16 @@ class Spool:
             os.fsync(fd)
         _fsync_dir(self.directory)
         return self.path
+
+
+    def _keep_files(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "local_dir" not in record or not Path(record["local_dir"]).is_dir():
+            return record
+        home = self.directory / self.run_id
+        home.mkdir(exist_ok=True)
+        copy = Path(tempfile.mkdtemp(prefix=f"{record['kind']}-", dir=home))
+        shutil.copytree(record["local_dir"], copy, dirs_exist_ok=True)
+        return record | {"local_dir": str(copy.resolve())}
 
 
 def read_spool(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -196,10 +211,13 @@ def _deliver_model(client, run_id: str, record: dict[str, Any]) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
-def sync_file(path: str | Path, uri: str | None = None,
-              client_factory: Callable[[str], Any] | None = None) -> int:
-    """Deliver one spool file to `uri` (default: the URI it was written for) and delete it; returns the number
-    of metric values delivered. Raises on the first record the store refuses; the file is then kept whole."""
+def sync_file(path: str | Path, uri: str, client_factory: Callable[[str], Any] | None = None,
+              named: bool = True) -> int:
+    """Deliver one spool file to the store `uri` and delete it; returns the number of metric values delivered.
+
+    A spool file is data, not instructions: unless the user `named` the store, a file written for another store is
+    refused (it would choose where the run goes), and a folder outside `<spool dir>/<run_id>/` is never uploaded.
+    Raises on the first record refused; the file is then kept whole."""
     path = Path(path)
     if client_factory is None:
         from mlflow.tracking import MlflowClient
@@ -212,11 +230,25 @@ def sync_file(path: str | Path, uri: str | None = None,
             path.unlink()
             return 0
         header, records = read_spool(path)
-        client = client_factory(uri or header["tracking_uri"])
+        _check_spool(path, header, records, uri, named)
+        client = client_factory(uri)
         delivered = sum(deliver(client, header["run_id"], r) for r in records)
         path.unlink()
     _fsync_dir(path.parent)
     return delivered
+
+
+def _check_spool(path: Path, header: dict[str, Any], records: list[dict[str, Any]], uri: str, named: bool) -> None:
+    from tracking.run import safe_uri
+
+    if not named and header.get("tracking_uri") != uri:
+        raise ValueError(f"written for the store {safe_uri(str(header.get('tracking_uri')))}, not the current one "
+                         f"({safe_uri(uri)}); deliver it there with --uri")
+    home = (path.parent / str(header["run_id"])).resolve()
+    for r in records:
+        if "local_dir" in r and not Path(r["local_dir"]).resolve().is_relative_to(home):
+            raise ValueError(f"a {r.get('kind')} record names the folder {r['local_dir']!r}, outside the spool's run "
+                             f"folder {home}: refused")
 
 
 def pending(directory: str | Path) -> list[Path]:
@@ -229,11 +261,15 @@ def pending(directory: str | Path) -> list[Path]:
 
 def sync_spool(directory: str | Path, uri: str | None = None,
                client_factory: Callable[[str], Any] | None = None) -> SyncResult:
-    """Deliver every spool file in `directory` (see `sync_file`); a file that fails stays for the next sync."""
+    """Deliver every spool file in `directory` to the store `uri` (default: the current store, and then only the
+    files written for it; see `sync_file`); a file that fails stays for the next sync."""
+    from tracking.run import tracking_uri
+
     result = SyncResult()
+    target = uri or tracking_uri(None)
     for path in pending(directory):
         try:
-            result.metrics += sync_file(path, uri, client_factory)
+            result.metrics += sync_file(path, target, client_factory, named=uri is not None)
             result.synced.append(path.stem)
         except Exception as e:  # keep going: one unreachable store or bad file must not block the others
             result.failed[str(path)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
