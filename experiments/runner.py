@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import ExperimentConfig
+from experiments.config import ExperimentConfig, recipe_of
 from rl.accounting import Callback, cpu_devices
 from rl.checkpoint import latest_checkpoint
 from rl.model import pick_device
@@ -72,7 +72,7 @@ def run_experiment(
         "mlflow.source.name": safe_uri(shlex.join(["rlscale" if Path(sys.argv[0]).name == "rlscale" else sys.argv[0],
                                                    *sys.argv[1:]]))[:500],
         "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": commit,
-        "phase": cfg.tracking.phase, "task": cfg.task.name, "model.name": cfg.model.name,
+        "phase": cfg.tracking.phase, "recipe": recipe_of(cfg), "task": cfg.task.name, "model.name": cfg.model.name,
         "device.type": device.type, "device.name": name, "device.unit": table[price_key].unit,
         "device.count": f"{held:g}", "device.share": f"{device_share:g}", "world_size": str(world),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from mlflow.entities import Metric, RunStatus, RunTag
@@ -93,8 +94,9 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
     assert sw is not None
     seed = sw.sampler_seed + worker
     sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
-    pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps)
-              if sw.pruner == "median" else optuna.pruners.NopPruner())
+    pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps) if sw.pruner == "median"
+              else ScalingPruner(cfg.sft.steps + cfg.grpo.steps, sw.pruner_warmup_steps) if sw.pruner == "scaling"
+              else optuna.pruners.NopPruner())
     path = journal_path(storage)
     if path is None:  # RDB: heartbeats let any worker fail the trials of a dead one
         store: Any = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
@@ -104,6 +106,32 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
         store = optuna.storages.JournalStorage(JournalFileBackend(path, JournalFileOpenLock(path)))
     return optuna.create_study(storage=store, sampler=sampler, pruner=pruner, study_name=name,
                                direction=sw.direction, load_if_exists=True)
+
+
+class ScalingPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose own curve cannot reach the best finished trial by its full budget.
+
+    After `warmup_steps` and at least 3 intermediate evals, the trial's scores are fitted by a line in the step
+    (compute grows in step with the steps of a trial) through its last 4 evals, extrapolated to `total_steps`, and
+    widened by twice the residual spread (at least 0.02). A learning curve flattens, so a line through its recent
+    evals over-states where it ends: the trial is pruned only when even that upper end is below the best completed
+    trial's final value (above it, for a minimised metric)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, min_reports: int = 3):
+        self.total_steps, self.warmup_steps, self.min_reports = total_steps, warmup_steps, min_reports
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        reports = sorted(trial.intermediate_values.items())
+        done = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        if len(reports) < self.min_reports or not done or reports[-1][0] < self.warmup_steps:
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        sign = 1.0 if maximize else -1.0
+        steps, values = (np.array(v, dtype=float) for v in zip(*reports[-4:], strict=True))
+        slope, intercept = np.polyfit(steps, sign * values, 1)
+        spread = float(np.std(sign * values - (slope * steps + intercept)))
+        best_end = max(sign * values[-1], slope * self.total_steps + intercept) + max(0.02, 2 * spread)
+        return best_end < sign * (max(done) if maximize else min(done))
 
 
 def suggest(trial: optuna.Trial, key: str, dim: SearchDim) -> Any:

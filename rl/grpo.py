@@ -44,8 +44,12 @@ class GRPOConfig(BaseModel):
     epsilon_high: float = Field(0.28, ge=0.0, description="Upper clip of the importance ratio (1 + eps_high).")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient to the frozen reference (0: no reference model).")
     scale_rewards: bool = Field(True, description="Divide advantages by the group std (False: Dr. GRPO).")
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
-        "dapo", description="Aggregation: per-sequence mean (grpo), token-level (dapo), constant (dr_grpo)."
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo"] = Field(
+        "dapo", description="Aggregation: per-sequence mean (grpo), token-level (dapo), constant (dr_grpo); cispo: "
+        "the clipped ratio as a stop-gradient weight on log pi, token-level (MiniMax-M1)."
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token, or per sequence (GSPO: the geometric mean over o_i)."
     )
     self_verify: bool = Field(True, description="Also train the model to verify its own answers.")
     verify_coef: float = Field(0.5, ge=0.0, description="Weight of the verification loss next to the solving loss.")
@@ -81,25 +85,40 @@ def grpo_loss(
     num_tokens: float | None = None,  # sum_i |o_i| for `dapo` (default: this batch's; under DDP: per-rank mean)
     max_len: int | None = None,  # L for `dr_grpo`: the configured longest completion (default: this batch's width)
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO objective with optional k3 KL, aggregated as `cfg.loss_type`."""
+    """The clipped GRPO objective with optional k3 KL, aggregated as `cfg.loss_type`.
+
+    `importance_sampling_level = "sequence"` (GSPO, arXiv 2507.18071) replaces each token's ratio with the
+    sequence's s_i = exp(1/|o_i| sum_t log(pi_theta / pi_theta_old)), shared by its tokens.
+    `loss_type = "cispo"` (MiniMax-M1, arXiv 2506.13585) keeps every token's gradient and clips only its weight:
+    L = -1/sum_i |o_i| sum_i sum_t sg(min(rho_t, 1 + eps_high)) A_i log pi_theta(o_t)."""
     mask = mask.float()
     A = advantages[:, None]
-    ratio = torch.exp(logp - old_logp)  # rho_t = pi_theta / pi_theta_old
+    log_ratio = logp - old_logp
+    if cfg.importance_sampling_level == "sequence":  # log s_i = 1/|o_i| sum_t log rho_t, one per sequence
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1))[:, None].expand_as(logp)
+    ratio = torch.exp(log_ratio)  # rho_t = pi_theta / pi_theta_old (or s_i)
     clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)  # clip(rho_t, 1-eps_low, 1+eps_high)
-    per_token = -torch.min(ratio * A, clipped * A)  # -min(rho_t A, clip(rho_t) A)
+    if cfg.loss_type == "cispo":
+        weight = torch.clamp(ratio, max=1 + cfg.epsilon_high).detach()  # sg(min(rho_t, 1 + eps_high))
+        per_token = -weight * A * logp  # -sg(w_t) A log pi_theta(o_t): the gradient of every token survives
+    else:
+        per_token = -torch.min(ratio * A, clipped * A)  # -min(rho_t A, clip(rho_t) A)
     kl = torch.zeros_like(logp)
     if cfg.beta > 0 and ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3 estimator of KL(pi_theta || pi_ref)
         per_token = per_token + cfg.beta * kl  # + beta * D_KL
     if cfg.loss_type == "grpo":  # 1/G sum_i 1/|o_i| sum_t
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif cfg.loss_type == "dapo":  # 1/sum_i |o_i| sum_i sum_t
+    elif cfg.loss_type in ("dapo", "cispo"):  # 1/sum_i |o_i| sum_i sum_t
         loss = (per_token * mask).sum() / (num_tokens or mask.sum().clamp(min=1))
     else:  # dr_grpo: 1/(G * L) sum_i sum_t, L a constant
         loss = (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        is_clipped = ((ratio < 1 - cfg.epsilon_low) & (A < 0)) | ((ratio > 1 + cfg.epsilon_high) & (A > 0))
+        if cfg.loss_type == "cispo":  # a truncated weight, whatever the sign of A
+            is_clipped = ratio > 1 + cfg.epsilon_high
+        else:
+            is_clipped = ((ratio < 1 - cfg.epsilon_low) & (A < 0)) | ((ratio > 1 + cfg.epsilon_high) & (A > 0))
         stats = {"clip_frac": float((is_clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n)}
     return loss, stats
 

@@ -65,6 +65,48 @@ def test_gradient_is_policy_gradient_at_ratio_one():
     assert logp.grad.flatten().tolist() == pytest.approx([-1.0, -1.0])  # d/dlogp of -rho*A/2 tokens at rho=1
 
 
+def test_cispo_by_hand_keeps_the_gradient_of_clipped_tokens():
+    logp, old, mask, adv = _inputs()
+    logp = logp.clone().requires_grad_(True)
+    # ratios: row 0 = [2, 1, -] (A=+1), row 1 = [0.5, 1, 1] (A=-1); weights sg(min(rho, 1 + 0.28))
+    cfg = GRPOConfig(loss_type="cispo", epsilon_low=0.2, epsilon_high=0.28)
+    loss, stats = grpo_loss(logp, old, None, adv, mask, cfg)
+    lp = logp.detach()
+    tokens = [-1.28 * 1 * lp[0, 0], -1.0 * 1 * lp[0, 1], 0.5 * lp[1, 0], 1.0 * lp[1, 1], 1.0 * lp[1, 2]]
+    assert float(loss) == pytest.approx(float(sum(tokens)) / 5)  # token-level: 1 / sum_i |o_i|
+    assert stats["clip_frac"] == pytest.approx(1 / 5)  # only the ratio 2 is truncated; 0.5 is not (no lower clip)
+    loss.backward()
+    # d/dlogp_t = -w_t A_i / 5: the clipped token (ratio 2) still has a gradient, unlike PPO/GRPO's clip
+    want = [[-1.28 / 5, -1.0 / 5, 0.0], [0.5 / 5, 1.0 / 5, 1.0 / 5]]
+    assert logp.grad.tolist() == [pytest.approx(row) for row in want]
+    grpo_logp = logp.detach().clone().requires_grad_(True)
+    grpo, _ = grpo_loss(grpo_logp, old, None, adv, mask, cfg.model_copy(update={"loss_type": "dapo"}))
+    grpo.backward()
+    assert grpo_logp.grad[0, 0] == 0.0  # the same token under the clipped objective: no gradient
+
+
+def test_gspo_sequence_ratio_by_hand():
+    logp, old, mask, adv = _inputs()
+    logp = logp.clone().requires_grad_(True)
+    # log s_0 = (log 2 + log 1) / 2 -> s_0 = sqrt 2; log s_1 = (log .5 + 0 + 0) / 3 -> s_1 = .5 ** (1/3)
+    s0, s1 = math.sqrt(2), 0.5 ** (1 / 3)
+    cfg = GRPOConfig(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.2, epsilon_high=0.28)
+    loss, stats = grpo_loss(logp, old, None, adv, mask, cfg)
+    seq0 = -min(s0 * 1, 1.28 * 1)  # A = +1, s_0 = 1.414 clipped to 1.28
+    seq1 = -min(s1 * -1, max(s1, 0.8) * -1)  # A = -1, s_1 = 0.794 clipped up to 0.8
+    assert float(loss) == pytest.approx((seq0 + seq1) / 2)  # every token of a sequence carries its s_i
+    assert stats["clip_frac"] == pytest.approx(1.0)  # both sequences clipped: all 5 tokens
+    same = old + 0.1  # equal per-token log ratios: the sequence ratio is the token ratio
+    tok, _ = grpo_loss(same, old, None, adv, mask, cfg.model_copy(update={"importance_sampling_level": "token"}))
+    seq, _ = grpo_loss(same, old, None, adv, mask, cfg)
+    assert float(tok) == pytest.approx(float(seq))
+    unclipped = cfg.model_copy(update={"epsilon_low": 0.9, "epsilon_high": 9.0})
+    at_one = logp.detach().clone().requires_grad_(True)
+    loss, _ = grpo_loss(at_one, at_one.detach(), None, adv, mask, unclipped)
+    loss.backward()  # at s_i = 1: d/dlogp_t = -A_i / |o_i| / G, the same for every token of a sequence
+    assert at_one.grad.tolist() == [pytest.approx([-1 / 4, -1 / 4, 0.0]), pytest.approx([1 / 6, 1 / 6, 1 / 6])]
+
+
 def test_lr_schedule():
     f = lr_lambda("cosine", 10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

@@ -227,3 +227,12 @@ def test_tag_text_cannot_break_a_plot(cwd):
     result = CliRunner().invoke(app, ["report", "--out", "rep"])
     assert result.exit_code == 0, result.output
     assert len(list((cwd / "rep" / "plots").glob("*.png"))) == 5
+
+
+# 8. a 3,000-deep value in --set is one line too (config and ledger files are cases in tests/bad_input)
+def test_deeply_nested_set_value_is_one_line(cwd):
+    (cwd / "c.toml").write_text('name = "x"\n')
+    deep = "x=" + "[" * 3000 + "]" * 3000
+    for command in (["config", "show"], ["train"]):
+        line = _one_error_line(CliRunner().invoke(app, [*command, "c.toml", "--set", deep]))
+        assert "nested too deeply" in line and list(cwd.iterdir()) == [cwd / "c.toml"]

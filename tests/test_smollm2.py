@@ -134,6 +134,7 @@ def test_smollm2_grpo_with_chat_lora_and_self_verification_is_tracked(smollm2_di
         f"task.path={REPO / 'experiments' / 'data' / 'word_problems.jsonl'}",
         "sft.steps=2", "sft.batch_size=4", "sft.verify_fraction=0.5", "grpo.steps=2", "grpo.prompts_per_step=2",
         "grpo.num_generations=2", "grpo.max_new_tokens=12", "grpo.verify_max_new_tokens=16", "grpo.beta=0.04",
+        "grpo.self_verify=true",
         "eval.problems=3", "eval.samples=2", "eval.max_new_tokens=12", "eval.verify_max_new_tokens=16",
     ], values={"sft.target_accuracy": None})
     recorder = make_recorder()

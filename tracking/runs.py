@@ -64,13 +64,14 @@ def reconcile(client: MlflowClient, names: list[str] | None = None, stale_second
 
 
 def list_runs(client: MlflowClient, names: list[str] | None = None) -> list[dict]:
-    """One row per run: name, status, phase, compute, cost and score."""
+    """One row per run: name, status, phase, recipe, compute, cost and score."""
     rows = []
     for run in client.search_runs(experiment_ids(client, names), order_by=["attributes.start_time DESC"]):
         m, t = run.data.metrics, run.data.tags
         rows.append({
             "run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
-            "phase": t.get("phase", ""), "flops": m.get("compute/flops"), "device_hours": m.get("compute/gpu_hours"),
+            "phase": t.get("phase", ""), "recipe": t.get("recipe", ""), "flops": m.get("compute/flops"),
+            "device_hours": m.get("compute/gpu_hours"),
             "cost_usd": m.get("cost/usd"), "accuracy": m.get("eval/accuracy"),
         })
     return rows
@@ -78,8 +79,8 @@ def list_runs(client: MlflowClient, names: list[str] | None = None) -> list[dict
 
 def sync(spool_dir: str | Path, uri: str | None = None) -> SyncResult:
     """Deliver what runs spooled while their store was down (`<tracking root>/spool/*.jsonl`: metrics, tags,
-    small artifacts, final status) to `uri`, else to the store each file was written for. A file is removed only
-    once the store took all of it; one that fails stays for the next sync and is listed in `failed`. A run that
-    `reconcile` marked KILLED meanwhile gets its real final status (and loses the `reconciled` tag)."""
+    small artifacts, final status) to `uri`, else to the current store (only the files written for it). A file is
+    removed only once the store took all of it; one that fails stays for the next sync and is listed in `failed`. A
+    run that `reconcile` marked KILLED meanwhile gets its real final status (and loses the `reconciled` tag)."""
     return sync_spool(spool_dir, uri)
 

@@ -113,14 +113,14 @@ def test_down_at_the_end_spools_metrics_tags_and_status_then_sync_delivers(clien
     # meanwhile `runs reconcile` takes it for dead; the sync knows better
     assert reconcile(client, ["spool-end"], stale_seconds=0) == [run.run_id]
 
-    result = sync(spool_dir)
+    result = sync(spool_dir, client.tracking_uri)
     assert result.synced == [run.run_id] and not result.failed and result.metrics == 2 + 1 and not path.exists()
     stored = client.get_run(run.run_id)
     assert stored.info.status == "FAILED" and "reconciled" not in stored.data.tags
     assert stored.data.tags["error.message"] == "boom" and stored.data.tags["model.params"] == "7"
     assert _history(client, run.run_id) == [(s, float(s)) for s in range(11)]
     assert stored.data.metrics["inf"] > 1e308  # inf went through the JSON spool (MLflow stores it as max float)
-    assert sync(spool_dir).synced == []  # nothing left: a second sync is a no-op
+    assert sync(spool_dir, client.tracking_uri).synced == []  # nothing left: a second sync is a no-op
 
 
 def test_sync_keeps_a_file_the_store_refuses_and_goes_on(client, tmp_path):
@@ -134,7 +134,7 @@ def test_sync_keeps_a_file_the_store_refuses_and_goes_on(client, tmp_path):
     Spool(spool_dir, gone, uri).append([{"kind": "metrics", "metrics": [["x", 1.0, 1000, 1]]}])
     bad = spool_dir / "not-a-spool.jsonl"
     bad.write_text("garbage\n")
-    result = sync_spool(spool_dir)
+    result = sync_spool(spool_dir, uri)
     assert result.synced == [good] and set(result.failed) == {str(spool_dir / f"{gone}.jsonl"), str(bad)}
     assert (spool_dir / f"{gone}.jsonl").is_file() and bad.is_file()  # kept whole for a later look
     assert client.get_run(good).info.status == "FINISHED" and _history(client, good) == [(1, 1.0)]
@@ -152,10 +152,11 @@ def test_a_torn_last_line_is_ignored(tmp_path):
         read_spool(spool.path)
 
 
-def test_runs_sync_command(client, tmp_path):
+def test_runs_sync_command(client, tmp_path, monkeypatch):
     run_id = client.create_run(client.create_experiment("cli")).info.run_id
     spool_dir = tmp_path / "spool"
     Spool(spool_dir, run_id, client.tracking_uri).append([{"kind": "status", "status": "FINISHED"}])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # the current store: the file's own
     out = CliRunner().invoke(app, ["runs", "sync", "--spool", str(spool_dir)])
     assert out.exit_code == 0 and "synced 1 run(s)" in out.stdout, out.output
     assert client.get_run(run_id).info.status == "FINISHED" and not pending(spool_dir)

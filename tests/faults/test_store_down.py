@@ -176,11 +176,11 @@ def test_trackedrun_down_at_the_end_spools_then_syncs(store, tmp_path, caplog):
     assert records[-1]["kind"] == "status" and records[-1]["status"] == "FINISHED"
     assert "rlscale runs sync" in caplog.text
 
-    failed = sync_spool(spool_dir)  # still down: the file stays, whole
+    failed = sync_spool(spool_dir, store.url)  # still down: the file stays, whole
     assert failed.synced == [] and list(failed.failed) == [str(path)] and path.is_file()
 
     store.start()
-    result = sync_spool(spool_dir)
+    result = sync_spool(spool_dir, store.url)
     assert result.synced == [run.run_id] and not result.failed and not path.exists()
     stored = client.get_run(run.run_id)
     assert stored.info.status == "FINISHED" and stored.data.tags["model.params"] == "123"
@@ -196,7 +196,7 @@ def test_training_with_server_down_at_the_end_is_spooled_then_synced(store, tmp_
     spool_dir = tmp_path / "mlruns" / "spool"
     (path,) = pending(spool_dir)
     store.start()
-    assert sync_spool(spool_dir).synced == [result.run_id] and not path.exists()
+    assert sync_spool(spool_dir, store.url).synced == [result.run_id] and not path.exists()
     client = MlflowClient(store.url)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags["model.params"]) > 0

@@ -1,0 +1,62 @@
+"""Recipe fits on a synthetic store whose recipes follow known sigmoids (noise, 3 seeds each): the fitted
+asymptote A within 0.02, the ranking right, intervals from runs, scores kept in [0, 1]."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from analysis.recipes import compare_recipes, run_curves
+from analysis.runs import load_runs
+from tracking.run import tracking_uri
+
+# recipe -> (R0, A, B, C_mid): the truth each recipe's runs follow
+TRUTH = {"cispo": (0.05, 0.80, 1.2, 3e14), "dapo": (0.05, 0.72, 1.0, 2e14), "grpo": (0.05, 0.60, 1.5, 1e14)}
+
+
+def _score(p, c):
+    R0, A, B, C_mid = p
+    return R0 + (A - R0) / (1 + (C_mid / c) ** B)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes") / "mlruns"
+    uri = tracking_uri(None, root)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("recipes")
+    rng = np.random.default_rng(0)
+    now = int(time.time() * 1000)
+    for recipe, p in TRUTH.items():
+        for seed in range(3):
+            run = client.create_run(exp, run_name=f"{recipe}-s{seed}", tags={"recipe": recipe, "phase": "rl"})
+            flops = np.geomspace(1e12, 1e16, 16) * rng.uniform(0.9, 1.1)
+            metrics = []
+            for step, c in enumerate(flops, 1):
+                score = float(np.clip(_score(p, c) + rng.normal(0, 0.006), 0, 1))
+                metrics += [Metric("eval/accuracy", score, now, step), Metric("compute/flops", float(c), now, step),
+                            Metric("data/samples/solve", float(step * 64), now, step),
+                            Metric("compute/gpu_hours", float(c / 1e15), now, step)]
+            client.log_batch(run.info.run_id, metrics=metrics)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    return uri, root
+
+
+def test_recipe_fits_recover_the_asymptotes_and_ranking(store):
+    uri, root = store
+    curves = run_curves(load_runs(uri, ["recipes"], root=root), uri, root)
+    assert len(curves) == 9 * 16 and set(curves["recipe"]) == set(TRUTH)
+    result = compare_recipes(curves, n_boot=40)
+    assert result["ranking"] == ["cispo", "dapo", "grpo"] and not result["skipped"]
+    for f in result["recipes"]:
+        assert f["params"]["A"] == pytest.approx(TRUTH[f["recipe"]][1], abs=0.02), f
+        lo, hi = f["ci"]["A"]
+        assert 0.0 <= lo <= f["params"]["A"] <= hi <= 1.0 and f["n_runs"] == 3
+        assert f["dropped_points"] > 0 and f["warmup_fraction"] == 0.1
+        assert 0 <= f["forecast_band"][0] <= f["forecast"] <= f["forecast_band"][1] <= 1
+        assert "params" in f["samples"]
+    assert "cispo (" in result["statement"] and "asymptote A =" in result["statement"]
