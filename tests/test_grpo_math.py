@@ -73,7 +73,7 @@ def test_cispo_by_hand_keeps_the_gradient_of_clipped_tokens():
     loss, stats = grpo_loss(logp, old, None, adv, mask, cfg)
     lp = logp.detach()
     tokens = [-1.28 * 1 * lp[0, 0], -1.0 * 1 * lp[0, 1], 0.5 * lp[1, 0], 1.0 * lp[1, 1], 1.0 * lp[1, 2]]
-    assert float(loss) == pytest.approx(float(sum(tokens)) / 5)  # token-level: 1 / sum_i |o_i|
+    assert loss.item() == pytest.approx(float(sum(tokens)) / 5)  # token-level: 1 / sum_i |o_i|
     assert stats["clip_frac"] == pytest.approx(1 / 5)  # only the ratio 2 is truncated; 0.5 is not (no lower clip)
     loss.backward()
     # d/dlogp_t = -w_t A_i / 5: the clipped token (ratio 2) still has a gradient, unlike PPO/GRPO's clip
@@ -94,7 +94,7 @@ def test_gspo_sequence_ratio_by_hand():
     loss, stats = grpo_loss(logp, old, None, adv, mask, cfg)
     seq0 = -min(s0 * 1, 1.28 * 1)  # A = +1, s_0 = 1.414 clipped to 1.28
     seq1 = -min(s1 * -1, max(s1, 0.8) * -1)  # A = -1, s_1 = 0.794 clipped up to 0.8
-    assert float(loss) == pytest.approx((seq0 + seq1) / 2)  # every token of a sequence carries its s_i
+    assert loss.item() == pytest.approx((seq0 + seq1) / 2)  # every token of a sequence carries its s_i
     assert stats["clip_frac"] == pytest.approx(1.0)  # both sequences clipped: all 5 tokens
     same = old + 0.1  # equal per-token log ratios: the sequence ratio is the token ratio
     tok, _ = grpo_loss(same, old, None, adv, mask, cfg.model_copy(update={"importance_sampling_level": "token"}))
