@@ -280,12 +280,13 @@ def _cells(df: pd.DataFrame) -> pd.DataFrame:
     return df.map(_num).astype(str)
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|~$])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|])")
 
 
 def md(text: object) -> str:
-    """Text made literal in Markdown (the one path every report.md value takes): HTML escaped, Markdown's special
-    characters backslash-escaped (a '|' cannot end a table cell), one line."""
+    """Text made literal in Markdown (the one path every report.md value takes): HTML escaped, the characters that
+    make code, emphasis, links and images or end a table cell ('\\', '`', '*', '[', ']', '|') backslash-escaped,
+    one line."""
     return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).splitlines()), quote=False))
 
 

@@ -590,7 +590,8 @@ def runs_list(experiment: ExpOpt = None, uri: UriOpt = None, debug: DebugOpt = F
         return
     table = Table(title="runs")
     for col in ("run", "status", "phase", "recipe", "FLOPs", "device-hours", "cost $", "accuracy"):
-        table.add_column(col, justify="left" if col in ("run", "status", "phase", "recipe") else "right")
+        table.add_column(col, justify="left" if col in ("run", "status", "phase", "recipe") else "right",
+                         min_width=8 if col == "status" else None, max_width=10 if col == "recipe" else None)
 
     def fmt(x, spec):
         return "" if x is None else format(x, spec)

@@ -186,9 +186,9 @@ def test_fits_on_fake_runs(tmp_path, monkeypatch):
     assert nxt["compute"] == pytest.approx(10 * largest) and nxt["low"] <= nxt["predicted"] <= nxt["high"]
     assert fits["extrapolation"][0]["n_test"] > 0 and fits["extrapolation"][0]["form"] == fits["best_form"]
     md = result.markdown.read_text()
-    assert re.search(r"accuracy = E - A C\^-alpha with E = 0\.\d+ \[0\.\d+, 0\.\d+\], A = ", md)
+    assert re.search(r"accuracy = E - A C\^-alpha with E = 0\.\d+ \\\[0\.\d+, 0\.\d+\\\], A = ", md)  # [ ] escaped
     assert "Next 10x of compute: at " in md and "Held-out extrapolation check" in md
-    assert f"E = {sat['params']['E']:.4g} [{sat['ci']['E'][0]:.4g}, {sat['ci']['E'][1]:.4g}]" in md
+    assert f"E = {sat['params']['E']:.4g} \\[{sat['ci']['E'][0]:.4g}, {sat['ci']['E'][1]:.4g}\\]" in md
     on_disk = json.loads(result.fits_json.read_text())
     assert on_disk["forms"]["saturating"]["params"] == sat["params"]
 
