@@ -388,13 +388,6 @@ def ui(
         proc.wait(timeout=30)
 
 
-def _load_runs_or_empty(uri: str | None, experiments: list[str] | None):
-    """Runs of the store; none (not an error) when the embedded store was never created."""
-    from analysis.runs import load_runs
-
-    return load_runs(uri, experiments)
-
-
 FinalOpt = Annotated[str | None, typer.Option("--final", help="Run id of the final run (default: the run tagged "
                                               "phase=final).")]
 LedgerOpt = Annotated[str | None, typer.Option("--ledger", help="Ledger TOML of costs that are no run.")]
@@ -424,9 +417,10 @@ def cost(
     """
     from analysis.cost import cost_table, load_ledger, project_cost, reprice
     from analysis.report import json_text
+    from analysis.runs import load_runs
 
     try:
-        runs = _load_runs_or_empty(uri, experiment)
+        runs = load_runs(uri, experiment)  # none (not an error) when the embedded store was never created
         if prices_file:
             runs = reprice(runs, prices_file)
         result = project_cost(runs, load_ledger(ledger) if ledger else None, final)

@@ -23,6 +23,21 @@ class Recorder:
         return [m[key] for _, m in self.logs if key in m]
 
 
+def wait_for_health(url: str, proc=None, timeout: float = 90.0) -> None:
+    """Wait until the MLflow server at `url` answers /health (failing if `proc`, its process, exits first)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                return
+        except OSError:
+            assert time.time() < deadline and (proc is None or proc.poll() is None), f"{url} did not come up"
+            time.sleep(0.5)
+
+
 class Boom:
     """A callback that raises at a given step, after metrics have been produced."""
 

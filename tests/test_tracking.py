@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import Boom
+from conftest import Boom, wait_for_health
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -212,15 +211,7 @@ def test_logs_to_an_mlflow_server_over_http(tmp_path, recorder, monkeypatch):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_health(url, server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         result = run_experiment(_cfg(tmp_path), recorder)
         run = MlflowClient(url).get_run(result.run_id)

@@ -11,10 +11,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
+from conftest import wait_for_health
 from mlflow.tracking import MlflowClient
 
 from experiments.config import load_config
@@ -65,14 +65,7 @@ def ui(tmp_path_factory):
     try:
         lines = [proc.stdout.readline() for _ in range(4)]  # the server line and one URL per experiment
         views = dict(re.findall(r"^\s+(\S+): (http\S+)$", "".join(lines), re.M))
-        deadline = time.time() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "mlflow UI did not come up"
-                time.sleep(0.5)
+        wait_for_health(url, proc)
         yield {"url": url, "views": views, "run_id": result.run_id, "tmp": tmp, "store": store}
     finally:
         os.killpg(proc.pid, 15)
