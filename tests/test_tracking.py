@@ -264,3 +264,34 @@ def test_gpu_energy_without_nvml(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=broken))
     assert not GpuEnergy(["GPU-0"]).available and GpuEnergy(["GPU-0"]).kwh() is None
+
+
+def test_dataset_row_created_by_another_run_at_the_same_moment_is_linked(tmp_path):
+    """Two sweep workers log the same eval set at once: the loser of the insert race gets a unique-key violation
+    (seen on PostgreSQL in CI), and logging again must link its run to the row the winner made."""
+    from mlflow.exceptions import MlflowException
+
+    from tracking.spool import deliver
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("race")).info.run_id
+    dataset = {"name": "arithmetic-eval", "digest": "1d7e198e", "source_type": "code", "source": "{}",
+               "schema": None, "profile": None}
+
+    class Racing:
+        def __init__(self, error: str):
+            self.error, self.calls = error, 0
+
+        def log_inputs(self, run_id, inputs):
+            self.calls += 1
+            if self.calls == 1:
+                raise MlflowException(self.error)
+            client.log_inputs(run_id, inputs)
+
+    racing = Racing('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"')
+    deliver(racing, run_id, {"kind": "dataset", "context": "eval", "dataset": dataset})
+    assert racing.calls == 2
+    (linked,) = client.get_run(run_id).inputs.dataset_inputs
+    assert linked.dataset.name == "arithmetic-eval" and linked.tags[0].value == "eval"
+    with pytest.raises(MlflowException, match="permission denied"):  # any other error is not retried
+        deliver(Racing("permission denied"), run_id, {"kind": "dataset", "context": "eval", "dataset": dataset})

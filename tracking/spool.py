@@ -172,9 +172,16 @@ def deliver(client, run_id: str, record: dict[str, Any]) -> int:
             client.log_artifacts(run_id, record["local_dir"], record.get("artifact_path"))
     elif kind == "dataset":
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         tags = [InputTag("mlflow.data.context", record["context"])]
-        client.log_inputs(run_id, [DatasetInput(Dataset(**record["dataset"]), tags)])
+        inputs = [DatasetInput(Dataset(**record["dataset"]), tags)]
+        try:
+            client.log_inputs(run_id, inputs)
+        except MlflowException as e:  # two runs of one experiment created the same dataset row at once: it
+            if not _duplicate_row(e):  # exists now, and logging again links this run to it
+                raise
+            client.log_inputs(run_id, inputs)
     elif kind == "logged_model":
         _deliver_model(client, run_id, record)
     elif kind == "status":
@@ -185,6 +192,13 @@ def deliver(client, run_id: str, record: dict[str, Any]) -> int:
     else:
         raise ValueError(f"unknown spool record kind {kind!r}")
     return 0
+
+
+def _duplicate_row(e: Exception) -> bool:
+    """A unique-key violation from the store's database (PostgreSQL, MySQL or SQLite wording)."""
+    message = str(e).lower()
+    return any(m in message for m in ("uniqueviolation", "duplicate key", "unique constraint failed",
+                                      "duplicate entry"))
 
 
 def _deliver_model(client, run_id: str, record: dict[str, Any]) -> None:
