@@ -189,6 +189,7 @@ def extrapolation(
     exclude_below: float | None = None,
     n_boot: int = 0,
     seed: int = 0,
+    score: bool = False,
 ) -> dict[str, Any]:
     """Fit on points with x < cut; errors (mae, rmse, mean relative mre) on the held-out points with x >= cut.
 
@@ -206,6 +207,7 @@ def extrapolation(
         exclude_below=exclude_below,
         n_boot=n_boot,
         seed=seed,
+        score=score,
     )
     error = result.predict(x[test], None if x2 is None else x2[test]) - y[test]
     return {
@@ -221,12 +223,13 @@ def extrapolation(
 
 
 def compare_forms(
-    x: ArrayLike, y: ArrayLike, forms: Sequence[str], cut: float, *, exclude_below: float | None = None
+    x: ArrayLike, y: ArrayLike, forms: Sequence[str], cut: float, *, exclude_below: float | None = None,
+    score: bool = False,
 ) -> pd.DataFrame:
     """Single-variable forms ranked by held-out rmse when fitted below `cut` (r2 is on the training points)."""
     rows = []
     for form in forms:
-        result = extrapolation(x, y, form, cut, exclude_below=exclude_below)
+        result = extrapolation(x, y, form, cut, exclude_below=exclude_below, score=score)
         rows.append({k: v for k, v in result.items() if k != "fit"} | {"r2_train": result["fit"].r2})
     return pd.DataFrame(rows).sort_values("rmse", ignore_index=True)
 

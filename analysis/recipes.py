@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.fits import Fit, fit
+from analysis.fits import Fit, extrapolation, fit
 from analysis.runs import metric_history
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
 CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "device_hours", "samples"]
 HORIZON = 10.0  # the forecast budget: 10x the largest compute a recipe ran
 WARMUP = 0.1  # points below this fraction of a recipe's largest compute are warm-up, not fitted (ScaleRL drops ~15%)
+HELD_OUT_CUT = 0.5  # the held-out check fits below this fraction of the largest compute and predicts the rest
+MAX_HELD_OUT_ERROR = 0.05  # a forecast is stated only when the held-out mean absolute error is at most this
 
 
 def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
@@ -30,8 +32,8 @@ def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "m
         recipe = run.get("tags.recipe")
         if not isinstance(recipe, str) or not recipe:
             continue
-        history = {key: metric_history(run["run_id"], key, uri, root).set_index("step")["value"]
-                   for key in (SCORE, COMPUTE, HOURS, SAMPLES)}
+        history = {key: metric_history(run["run_id"], key, uri, root).groupby("step")["value"].last()
+                   for key in (SCORE, COMPUTE, HOURS, SAMPLES)}  # a step logged twice: its latest value
         frame = pd.DataFrame(history).dropna(subset=[SCORE, COMPUTE])
         for step, r in frame.iterrows():
             rows.append({"run_id": run["run_id"], "recipe": recipe, "step": int(step), "score": r[SCORE],
@@ -39,12 +41,34 @@ def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "m
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
+def recipe_labels(runs: pd.DataFrame, most: int = 3) -> dict[str, str]:
+    """A readable name for each recipe tag: the config values (MLflow params) that set it apart from the other
+    recipes, e.g. 'grpo.loss_type=cispo'; keys that vary inside a recipe (budget, seed) or only name the run are
+    left out. A recipe nothing sets apart keeps its tag."""
+    if "tags.recipe" not in runs:
+        return {}
+    tagged = runs[runs["tags.recipe"].notna() & (runs["tags.recipe"].astype(str) != "")]
+    keys = [c for c in tagged.columns if c.startswith("params.") and not c.startswith("params.tracking.")
+            and not c.endswith(("name", "output_dir", "seed"))]
+    groups = tagged.groupby("tags.recipe")
+    steady = [k for k in keys if (groups[k].nunique(dropna=False) <= 1).all() and tagged[k].nunique() > 1]
+    labels = {}
+    for recipe, group in groups:
+        first = group.iloc[0]
+        apart = [k for k in steady if (tagged.loc[tagged["tags.recipe"] != recipe, k] != first[k]).any()]
+        shown = [f"{k.removeprefix('params.')}={first[k]}" for k in apart[:most]]
+        labels[str(recipe)] = ", ".join(shown) + (f" (+{len(apart) - most})" if len(apart) > most else "") \
+            if shown else str(recipe)
+    return labels
+
+
 def fit_recipe(curves: pd.DataFrame, x: str = "flops", warmup: float = WARMUP, n_boot: int = 200,
                seed: int = 0, horizon: float = HORIZON) -> dict[str, Any]:
     """The sigmoid of one recipe's pooled curves against `x` (flops, device_hours or samples), points below
     `warmup` x the largest x dropped; intervals from refits on runs resampled with replacement. Returns the
-    parameters, their 95% intervals, r2, and the forecast at `horizon` x the largest x with its band, the gain the
-    next `horizon`-fold of x brings and how far the recipe is from its asymptote A."""
+    parameters, their 95% intervals, r2, the held-out check (fitted below HELD_OUT_CUT x the largest x, scored
+    above), and the forecast at `horizon` x the largest x with its band, the gain the next `horizon`-fold of x
+    brings and how far the recipe is from its asymptote A; `forecast_ok` says whether the check allows stating it."""
     data = curves[(curves[x] > 0) & np.isfinite(curves[x])]
     top = float(data[x].max())
     fitted_points = data[data[x] >= warmup * top]
@@ -52,14 +76,17 @@ def fit_recipe(curves: pd.DataFrame, x: str = "flops", warmup: float = WARMUP, n
     draws = _bootstrap_runs(fitted_points, x, n_boot, seed)
     target = horizon * top
     now, later = float(best.predict([top])[0]), float(best.predict([target])[0])
+    heldout = _held_out(fitted_points, x, top)
     out: dict[str, Any] = {
         "recipe": str(data["recipe"].iloc[0]), "x": x, "n_runs": int(data["run_id"].nunique()),
         "n_points": len(fitted_points), "warmup_fraction": warmup, "dropped_points": len(data) - len(fitted_points),
-        "params": best.params, "r2": best.r2, "largest_x": top, "forecast_x": target, "score_now": now,
-        "forecast": later, "gain_next": later - now, "to_asymptote": best.params["A"] - now,
+        "params": best.params, "r2": best.r2, "fitted_from": float(fitted_points[x].min()), "largest_x": top,
+        "forecast_x": target, "score_now": now,
+        "forecast": later, "gain_next": later - now, "to_asymptote": best.params["A"] - now, "heldout": heldout,
+        "forecast_ok": "mae" in heldout and heldout["mae"] <= MAX_HELD_OUT_ERROR,
     }
     if len(draws):
-        curves_at = np.array([[_sigmoid(d, top), _sigmoid(d, target)] for d in draws])
+        curves_at = np.array([sigmoid(d, [top, target]) for d in draws])
         q = [2.5, 97.5]
         out["ci"] = {k: [float(v) for v in np.percentile(draws[:, i], q)] for i, k in enumerate(best.params)}
         out["forecast_band"] = [float(v) for v in np.percentile(curves_at[:, 1], q)]
@@ -68,9 +95,11 @@ def fit_recipe(curves: pd.DataFrame, x: str = "flops", warmup: float = WARMUP, n
     return out
 
 
-def compare_recipes(curves: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, n_boot: int = 200,
+                    seed: int = 0) -> dict[str, Any]:
     """Every recipe fitted against compute (and RL samples), ranked by the forecast at 10x the largest compute any
-    recipe ran, with which differences lie inside the intervals and whether RL is still paying."""
+    recipe ran (recipes whose held-out check fails come last, by fitted A), with which differences lie inside
+    the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the statement."""
     fits, skipped = [], {}
     budget = HORIZON * float(curves["flops"].max()) if len(curves) else 0.0
     for recipe, group in curves.groupby("recipe", sort=True):
@@ -85,15 +114,33 @@ def compare_recipes(curves: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> d
             except (ValueError, RuntimeError) as e:
                 f["samples"] = {"skipped": str(e)}
         f["tapering"] = _tapering(f)
+        f["label"] = (labels or {}).get(str(recipe), str(recipe))
         fits.append(f)
-    fits.sort(key=lambda f: f["forecast"], reverse=True)
+    fits.sort(key=lambda f: (f["forecast_ok"], f["forecast"] if f["forecast_ok"] else f["params"]["A"]),
+              reverse=True)
     return {"budget_flops": budget, "recipes": fits, "skipped": skipped, "ranking": [f["recipe"] for f in fits],
-            "statement": _statement(fits, budget)}
+            "max_heldout_error": MAX_HELD_OUT_ERROR, "statement": _statement(fits, budget, skipped)}
 
 
-def _sigmoid(p: np.ndarray, x: float) -> float:
+def _held_out(points: pd.DataFrame, x: str, top: float) -> dict[str, Any]:
+    """The sigmoid fitted on the points below HELD_OUT_CUT x the largest x, its errors on the points above, or a
+    note saying why there is no check."""
+    cut = HELD_OUT_CUT * top
+    n_train = int(points.loc[points[x] < cut, x].nunique())
+    if n_train < 5 or not (points[x] >= cut).any():
+        return {"cut": cut, "note": f"too few points below {HELD_OUT_CUT:g}x the largest run to check a forecast "
+                                    f"({n_train} distinct, the sigmoid needs 5)"}
+    try:
+        result = extrapolation(points[x], points["score"], "sigmoid", cut, score=True)
+    except (ValueError, RuntimeError) as e:
+        return {"cut": cut, "note": f"held-out fit failed: {e}"}
+    return {k: result[k] for k in ("cut", "n_train", "n_test", "mae", "rmse")}
+
+
+def sigmoid(p: Any, x: Any) -> Any:
+    """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) at x, from p = (R0, A, B, C_mid)."""
     R0, A, B, C_mid = p
-    return float(R0 + (A - R0) / (1 + (C_mid / x) ** B))
+    return R0 + (A - R0) / (1 + (C_mid / np.asarray(x, dtype=float)) ** B)
 
 
 def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int) -> np.ndarray:
@@ -118,18 +165,27 @@ def _tapering(f: dict[str, Any]) -> bool:
     return f["gain_next"] < 0.01 or f["to_asymptote"] < 0.01
 
 
-def _statement(fits: list[dict[str, Any]], budget: float) -> str:
+def _statement(fits: list[dict[str, Any]], budget: float, skipped: dict[str, str]) -> str:
     if not fits:
-        return "No recipe could be fitted."
-    lines = [f"At {budget:.3g} FLOPs (10x the largest run), the recipes rank "
-             + " > ".join(f"{f['recipe']} ({f['forecast']:.3f})" for f in fits) + "."]
-    for a, b in zip(fits, fits[1:], strict=False):
+        return "No recipe could be fitted" + (": " + "; ".join(f"{r}: {e}" for r, e in skipped.items())
+                                              if skipped else ".")
+    ok = [f for f in fits if f["forecast_ok"]]
+    lines = []
+    if ok:
+        lines.append(f"At {budget:.3g} FLOPs (10x the largest run), the recipes whose held-out check passes "
+                     f"(mean error <= {MAX_HELD_OUT_ERROR:g}) rank "
+                     + " > ".join(f"{f['label']} ({f['forecast']:.3f})" for f in ok) + ".")
+    for a, b in zip(ok, ok[1:], strict=False):
         if "forecast_band" in a and "forecast_band" in b:
             overlap = a["forecast_band"][0] <= b["forecast_band"][1]
             verdict = "inside the intervals (not a resolved difference)." if overlap else "a resolved difference."
-            lines.append(f"{a['recipe']} vs {b['recipe']}: {verdict}")
+            lines.append(f"{a['label']} vs {b['label']}: {verdict}")
     for f in fits:
-        lines.append(f"{f['recipe']}: asymptote A = {f['params']['A']:.3f}; the next 10x of compute "
-                     f"{'adds' if f['gain_next'] >= 0 else 'changes'} {f['gain_next']:+.3f}"
-                     + (" (RL is tapering off)." if f["tapering"] else " (RL is still paying)."))
+        if f["forecast_ok"]:
+            lines.append(f"{f['label']}: asymptote A = {f['params']['A']:.3f}; the next 10x of compute "
+                         f"{'adds' if f['gain_next'] >= 0 else 'changes'} {f['gain_next']:+.3f}"
+                         + (" (RL is tapering off)." if f["tapering"] else " (RL is still paying)."))
+        else:
+            why = f["heldout"].get("note") or (f"held-out error {f['heldout']['mae']:.3f} > {MAX_HELD_OUT_ERROR:g}")
+            lines.append(f"{f['label']}: fitted A = {f['params']['A']:.3f}, but no forecast: {why}.")
     return " ".join(lines)

@@ -4,6 +4,8 @@
 report.md (plots as plots/*.png), runs.csv, cost.json and fits.json, and logs them as the artifacts of a run
 tagged phase=report in the experiment "reports". Report runs and sweep parents never enter costs or fits; failed,
 killed and pruned runs count in the cost, and only finished runs with a score and compute enter the score fits.
+Each recipe (runs tagged with one `recipe`) gets its own fit of its runs' eval curves (analysis/recipes.py). A
+forecast is stated only when a held-out extrapolation check passes (mean error <= MAX_HELD_OUT_ERROR).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from mlflow.tracking import MlflowClient
 
 from analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
 from analysis.fits import FORMS, Fit, compare_forms, fit
+from analysis.recipes import MAX_HELD_OUT_ERROR, WARMUP, compare_recipes, recipe_labels, run_curves, sigmoid
 from analysis.runs import FATES, load_runs
 from tracking.run import experiment_id, tracking_uri
 
@@ -43,6 +47,7 @@ HELD_OUT = 0.25  # share of the distinct compute values held out above the extra
 PLOTS = {
     "score_vs_compute": "Score vs compute, with the fitted laws extrapolated to 10x the largest run",
     "score_vs_data": "Score vs RL data volume",
+    "recipes": "Each recipe's eval curves against compute, its fitted sigmoid and (where checked) its extrapolation",
     "cost_breakdown": "Cost by category, phase and run fate",
     "spend_over_time": "Cumulative spend on runs over time",
     "total_vs_final": "The whole project vs the final run",
@@ -86,16 +91,23 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     points = score_points(runs)
     fits, fitted = fit_scores(points[COMPUTE].to_numpy(), points[SCORE].to_numpy())
     fits["run_ids"] = list(points["run_id"])
+    fits["pooled"] = _pooled(points)
+    _judge_forecast(fits)
+    curves = run_curves(runs, uri, root)
+    comparison = compare_recipes(curves, recipe_labels(runs))
+    fits["recipes"] = comparison.pop("recipes")
+    fits["recipe_comparison"] = comparison
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names in plots are literal text
         pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
-                "score_vs_data": _plot_score_vs_data(points), "cost_breakdown": _plot_cost_breakdown(cost),
-                "spend_over_time": _plot_spend(runs, cost), "total_vs_final": _plot_total_vs_final(cost)}
+                "score_vs_data": _plot_score_vs_data(points), "recipes": _plot_recipes(curves, fits["recipes"]),
+                "cost_breakdown": _plot_cost_breakdown(cost), "spend_over_time": _plot_spend(runs, cost),
+                "total_vs_final": _plot_total_vs_final(cost)}
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = {name: out / "plots" / f"{name}.png" for name in pngs}
     for name, png in pngs.items():
         plots[name].write_bytes(png)
     title = f"Project report: {', '.join(experiments) if experiments else 'all experiments'}"
-    blocks = _cost_blocks(cost) + _fit_blocks(points, fits)
+    blocks = _cost_blocks(cost) + _fit_blocks(points, fits) + _recipe_blocks(fits)
     files = {"html": out / "report.html", "markdown": out / "report.md", "runs_csv": out / "runs.csv",
              "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
     files["html"].write_text(_html(title, blocks, pngs), encoding="utf-8")
@@ -110,9 +122,9 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
 
 def score_points(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs a score fit may use: finished, not a report or sweep parent, with a score and compute > 0."""
-    columns = ["run_id", "run_name", "tags.model.name", COMPUTE, SCORE, *DATA_VOLUME]
+    columns = ["run_id", "run_name", "tags.model.name", "tags.recipe", COMPUTE, SCORE, *DATA_VOLUME]
     df = pd.DataFrame({c: runs[c] if c in runs else pd.Series(np.nan, index=runs.index) for c in columns})
-    for c in columns[3:]:
+    for c in columns[4:]:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     keep = ((runs["fate"] == "finished") & ~_phase(runs).isin(UNFITTED_PHASES) & np.isfinite(df[SCORE])
             & np.isfinite(df[COMPUTE]) & (df[COMPUTE] > 0))
@@ -137,7 +149,7 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
             summary["skipped"][form] = f"every score is {y[0]:g}: no trend to fit"
         else:
             try:
-                fitted[form] = fit(x, y, form)
+                fitted[form] = fit(x, y, form, score=True)
             except (ValueError, RuntimeError) as e:
                 summary["skipped"][form] = str(e)
     summary["forms"] = {form: f.to_dict() | {"law": LAWS[form]} for form, f in fitted.items()}
@@ -151,8 +163,8 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
         target = HORIZON * float(x.max())
         for form, f in fitted.items():
             low, high = _band(f, np.array([target]))
-            predicted = float(f.predict([target])[0])
-            at_largest = float(f.predict([x.max()])[0])
+            predicted = float(np.clip(f.predict([target])[0], 0, 1))  # a power law would leave [0, 1]
+            at_largest = float(np.clip(f.predict([x.max()])[0], 0, 1))
             summary["next_10x"][form] = {"compute": target, "predicted": predicted, "low": float(low[0]),
                                          "high": float(high[0]), "gain_over_best": predicted - float(y.max()),
                                          "fit_at_largest": at_largest, "gain_over_fit": predicted - at_largest}
@@ -169,16 +181,44 @@ def _extrapolation_check(x: np.ndarray, y: np.ndarray, forms: list[str]) -> tupl
         return None, (f"too few runs below the cut for a held-out check ({len(train)} distinct compute values)"
                       if forms else "no form was fitted")
     try:
-        return compare_forms(x, y, usable, cut).to_dict("records"), None
+        return compare_forms(x, y, usable, cut, score=True).to_dict("records"), None
     except (ValueError, RuntimeError) as e:
         return None, f"held-out check failed: {e}"
 
 
+def _pooled(points: pd.DataFrame) -> dict[str, Any]:
+    """What the pooled fit mixes: how many recipes and model sizes its runs span."""
+    recipes = points["tags.recipe"].dropna().astype(str)
+    models = points["tags.model.name"].dropna().astype(str)
+    return {"recipes": sorted(set(recipes)), "model_sizes": sorted(set(models)),
+            "untagged_runs": int(points["tags.recipe"].isna().sum())}
+
+
+def _judge_forecast(fits: dict[str, Any]) -> None:
+    """Set fits["forecast_ok"] and fits["forecast_note"]: the next-10x forecast of the pooled fit is stated only
+    when the best form's held-out mean error is at most MAX_HELD_OUT_ERROR; the note says why not otherwise."""
+    why = []
+    if fits["extrapolation"]:
+        error = fits["extrapolation"][0]["mae"]
+        if not error <= MAX_HELD_OUT_ERROR:
+            why.append(f"the best form misses the held-out runs by {error:.3g} on average "
+                       f"(the threshold is {MAX_HELD_OUT_ERROR:g})")
+    else:
+        why.append(fits["extrapolation_note"] or "no form was fitted")
+    pooled = fits["pooled"]
+    if why and (len(pooled["recipes"]) > 1 or len(pooled["model_sizes"]) > 1):
+        why.append(f"the runs mix {len(pooled['recipes'])} recipe(s) and {len(pooled['model_sizes'])} model "
+                   "size(s) on one curve (see the per-recipe fits)")
+    fits["forecast_ok"] = not why and fits["best_form"] is not None
+    fits["forecast_note"] = "; ".join(why) if why else None
+
+
 def _band(f: Fit, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The fit's 95% bootstrap band at x (NaN without bootstrap draws)."""
+    """The fit's 95% bootstrap band at x, kept in [0, 1] (NaN without bootstrap draws)."""
     if len(f.draws) == 0:
         return np.full(len(x), np.nan), np.full(len(x), np.nan)
-    return f.predict_interval(x)
+    low, high = f.predict_interval(x)
+    return np.clip(low, 0, 1), np.clip(high, 0, 1)
 
 
 def _phase(runs: pd.DataFrame) -> pd.Series:
@@ -254,13 +294,24 @@ def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
         blocks.append(("p", f"{len(points)} finished runs with eval/accuracy and compute/flops enter the fits "
                             "(failed, killed, pruned, report and sweep-parent runs are left out). Best run now: "
                             f"{best['run_name']} with accuracy {best[SCORE]:.4g} at {best[COMPUTE]:.3g} FLOPs."))
+        pooled = fits["pooled"]
+        if len(pooled["recipes"]) > 1 or len(pooled["model_sizes"]) > 1:
+            mix = [f"{len(pooled['recipes'])} recipes"] if len(pooled["recipes"]) > 1 else []
+            if len(pooled["model_sizes"]) > 1:
+                mix.append(f"{len(pooled['model_sizes'])} model sizes ({', '.join(pooled['model_sizes'])})")
+            blocks.append(("p", f"These fits pool the final score of runs of {' and '.join(mix)} into one curve: it "
+                                "describes this set of runs, not how one recipe scales (the recipe section fits "
+                                "each recipe on its own)."))
     blocks += [("p", _law(form, d)) for form, d in fits["forms"].items()]
     blocks += [("p", f"{form} not fitted: {why}.") for form, why in fits["skipped"].items() if not points.empty]
-    if fits["best_form"]:
+    if fits["best_form"] and not fits["forecast_ok"]:
+        blocks.append(("p", f"No forecast: no law extrapolates on these runs, because {fits['forecast_note']}."))
+    if fits["best_form"] and fits["forecast_ok"]:
         form, nxt = fits["best_form"], fits["next_10x"][fits["best_form"]]
         band = "" if math.isnan(nxt["low"]) else f" [{nxt['low']:.3g}, {nxt['high']:.3g}]"
         blocks.append(("p", f"Next 10x of compute: at {nxt['compute']:.3g} FLOPs ({HORIZON:g}x the largest run) the "
-                            f"{form} law (best at extrapolating) predicts accuracy {nxt['predicted']:.3g}{band}, "
+                            f"{form} law (best at extrapolating, held-out error {fits['extrapolation'][0]['mae']:.3g}) "
+                            f"predicts accuracy {nxt['predicted']:.3g}{band}, "
                             f"vs {fits['best_run']['score']:.3g} for the best run now "
                             f"({nxt['gain_over_best']:+.3g}); along the law itself, from {nxt['fit_at_largest']:.3g} "
                             f"at the largest run, the next 10x buys {nxt['gain_over_fit']:+.3g}."))
@@ -274,6 +325,55 @@ def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
     elif fits["extrapolation_note"] and not points.empty:
         blocks.append(("p", f"No held-out extrapolation check: {fits['extrapolation_note']}."))
     return blocks + [("plot", "score_vs_compute"), ("plot", "score_vs_data")]
+
+
+def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
+    """Which recipe scales: the table of sigmoid fits per recipe, the ranking statement, the plot."""
+    comparison = fits["recipe_comparison"]
+    blocks: list[Block] = [("h2", "Which recipe scales"),
+                           ("p", "Each recipe's runs (tag `recipe`: same config but for budget and seed) give one "
+                                 "curve of held-out accuracy at every eval against the run's cumulative compute; the "
+                                 "sigmoid R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) is fitted to the pooled curves "
+                                 f"after dropping the first {100 * WARMUP:g}% of compute as warm-up (ScaleRL, arXiv "
+                                 "2510.13786). A is the asymptote, B and C_mid the efficiency; intervals are 95% "
+                                 "bootstrap over runs, so seeds count. A forecast at 10x is given only when the "
+                                 f"sigmoid fitted below half the largest compute predicts the rest within "
+                                 f"{MAX_HELD_OUT_ERROR:g} on average.")]
+    if not fits["recipes"]:
+        why = "; ".join(f"{r}: {e}" for r, e in comparison["skipped"].items()) or "no finished run has a recipe tag " \
+              "and an eval/accuracy history"
+        return blocks + [("p", f"No recipe fitted ({why})."), ("plot", "recipes")]
+    rows = []
+    for f in fits["recipes"]:
+        ci = f.get("ci", {})
+        held = f["heldout"].get("mae")
+        row = {"recipe": f["recipe"], "what sets it apart": f["label"], "runs": f["n_runs"],
+               "points": f["n_points"], "A": f["params"]["A"],
+               "A 95%": "[{:.3f}, {:.3f}]".format(*ci["A"]) if "A" in ci else "",
+               "B": f["params"]["B"], "C_mid (FLOPs)": f["params"]["C_mid"],
+               "r2": f["r2"], "held-out error": held if held is not None else "no check",
+               "at 10x budget": f["forecast"] if f["forecast_ok"] else "withheld",
+               "next 10x gain": f["gain_next"] if f["forecast_ok"] else "withheld",
+               "to A": f["to_asymptote"]}
+        samples = f.get("samples", {})
+        if "gain_next" in samples and samples["forecast_ok"]:
+            row["next 10x RL samples gain"] = samples["gain_next"]
+        rows.append(row)
+    blocks += [("table", pd.DataFrame(rows)), ("p", comparison["statement"])]
+    taper = [f["label"] for f in fits["recipes"] if f["forecast_ok"] and f["tapering"]]
+    paying = [f["label"] for f in fits["recipes"] if f["forecast_ok"] and not f["tapering"]]
+    if taper or paying:
+        blocks.append(("p", "Does RL keep paying? "
+                            + (f"Still paying: {', '.join(paying)}. " if paying else "")
+                            + (f"Tapering off (under a point from the next 10x, or within a point of A): "
+                               f"{', '.join(taper)}." if taper else "")))
+    else:
+        blocks.append(("p", "Does RL keep paying? Not answerable from these runs: no recipe's forecast passed its "
+                            "held-out check."))
+    if comparison["skipped"]:
+        blocks.append(("p", "Not fitted: " + "; ".join(f"{r}: {e}" for r, e in comparison["skipped"].items())
+                            + "."))
+    return blocks + [("plot", "recipes")]
 
 
 def _cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -354,23 +454,71 @@ def _plot_score_vs_compute(points: pd.DataFrame, fitted: dict[str, Fit], fits: d
             ax.scatter(x[final], y[final], s=120, marker="*", color="gold", edgecolor="black", zorder=4,
                        label="final run")
         top = x.max()
-        inside, beyond = np.geomspace(x.min(), top, 200), np.geomspace(top, HORIZON * top, 60)
+        ahead = HORIZON * top if fits["forecast_ok"] else top  # no extrapolation drawn that the check does not back
+        inside, beyond = np.geomspace(x.min(), top, 200), np.geomspace(top, ahead, 60)
         for (form, f), color in zip(fitted.items(), ("tab:blue", "tab:orange", "tab:green")):
-            ax.plot(inside, f.predict(inside), color=color, label=f"{form} fit (r2 {f.r2:.3f})")
-            ax.plot(beyond, f.predict(beyond), color=color, ls="--")
+            ax.plot(inside, np.clip(f.predict(inside), 0, 1), color=color, label=f"{form} fit (r2 {f.r2:.3f})")
+            if fits["forecast_ok"]:
+                ax.plot(beyond, np.clip(f.predict(beyond), 0, 1), color=color, ls="--")
             grid = np.concatenate([inside, beyond])
             ax.fill_between(grid, *_band(f, grid), color=color, alpha=0.15, lw=0)
         if fitted:
-            ax.axvline(top, color="grey", ls=":", lw=1, label="largest run (dashed beyond: extrapolation)")
+            ax.axvline(top, color="grey", ls=":", lw=1, label="largest run (dashed beyond: extrapolation)"
+                       if fits["forecast_ok"] else "largest run (no extrapolation: held-out check not passed)")
         else:
             _empty(ax, "no law fitted: " + next(iter(fits["skipped"].values())))
         if fits["extrapolation"]:
             ax.axvline(fits["extrapolation"][0]["cut"], color="tab:red", ls=":", lw=1, label="held-out cut")
-        ax.set_xscale("log")
-        ax.set_ylim(min(0.0, y.min()) - 0.03, max(1.0, y.max()) + 0.03)  # an extrapolation past 1 is cut off
+        _log_x(ax)
+        ax.set_ylim(-0.03, 1.03)
         ax.legend(fontsize=8, loc="best")
     ax.set(xlabel="compute per run (FLOPs, log scale)", ylabel="held-out accuracy (fraction correct)",
            title="Score vs compute (bands: 95% bootstrap intervals)")
+    return _png(fig)
+
+
+def _log_x(ax: Axes) -> None:
+    """A log x axis with few plain labels ('2e+12': no mathtext, which the report keeps literal): powers of ten,
+    with 2x and 5x too when the data span under two decades; no minor labels."""
+    ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    subs = (1.0, 2.0, 5.0) if high / low < 100 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]]) -> bytes:
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
+    if not recipes:
+        _empty(ax, "no recipe fitted: no finished run with a recipe tag and an eval/accuracy history")
+    colors = matplotlib.colormaps["tab10"].colors
+    for f, color in zip(recipes[:10], colors):
+        runs = curves[curves["recipe"] == f["recipe"]]
+        for i, (_, run) in enumerate(runs.groupby("run_id")):
+            ax.plot(run["flops"], run["score"], "o-", ms=3, lw=0.6, alpha=0.5, color=color,
+                    label=f"{f['label']}: {f['n_runs']} runs" if i == 0 else None)
+        p = f["params"]
+        top = f["largest_x"]
+        end = f["forecast_x"] if f["forecast_ok"] else top
+        inside, beyond = np.geomspace(f["fitted_from"], top, 100), np.geomspace(top, end, 60)
+        ax.plot(inside, sigmoid(p.values(), inside), color=color, lw=2, label=f"{f['label']}: fit, A = {p['A']:.3f}")
+        if f["forecast_ok"]:
+            ax.plot(beyond, sigmoid(p.values(), beyond), color=color, lw=2, ls="--")
+            if "forecast_band" in f:
+                ax.errorbar([end], [f["forecast"]], yerr=[[f["forecast"] - f["forecast_band"][0]],
+                                                         [f["forecast_band"][1] - f["forecast"]]],
+                            color=color, capsize=4, fmt="s", ms=5)
+    if len(recipes) > 10:
+        ax.text(0.01, 0.01, f"first 10 of {len(recipes)} recipes shown", transform=ax.transAxes, fontsize=8)
+    if recipes:
+        _log_x(ax)
+        ax.legend(fontsize=7, loc="best", ncol=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set(xlabel="cumulative compute of the run at each eval (FLOPs, log scale)",
+           ylabel="held-out accuracy (fraction correct)",
+           title="Recipes: eval curves, sigmoid fits, 10x forecasts (dashed, with 95% band) where checked")
     return _png(fig)
 
 
@@ -385,7 +533,7 @@ def _plot_score_vs_data(points: pd.DataFrame) -> bytes:
         ok = points[points[column] > 0]
         for model, group in ok.groupby(ok["tags.model.name"].fillna("unknown model")):
             ax.scatter(group[column], group[SCORE], s=14, label=model)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.legend(fontsize=8, title="model")
         ax.set_xlabel(f"RL data volume ({DATA_VOLUME[column]} per run, {column}, log scale)")
     ax.set(ylabel="held-out accuracy (fraction correct)", title="Score vs RL data volume")

@@ -92,7 +92,7 @@ def test_report_outputs_keep_hostile_names_literal(cwd):
         cells = [c for row in csv.reader(f) for c in row]
     assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _number(c))]
     assert "'=HYPERLINK(\"http://x\")" in cells and "'+1" in cells
-    assert len(result.plots) == 5 and all(p.stat().st_size > 1000 for p in result.plots.values())
+    assert len(result.plots) == 6 and all(p.stat().st_size > 1000 for p in result.plots.values())
 
 
 def _number(text: str) -> bool:
@@ -226,7 +226,7 @@ def test_tag_text_cannot_break_a_plot(cwd):
     client.log_batch(run.info.run_id, tags=[RunTag("phase", "final")])
     result = CliRunner().invoke(app, ["report", "--out", "rep"])
     assert result.exit_code == 0, result.output
-    assert len(list((cwd / "rep" / "plots").glob("*.png"))) == 5
+    assert len(list((cwd / "rep" / "plots").glob("*.png"))) == 6
 
 
 # 8. a 3,000-deep value in --set is one line too (config and ledger files are cases in tests/bad_input)

@@ -59,4 +59,59 @@ def test_recipe_fits_recover_the_asymptotes_and_ranking(store):
         assert f["dropped_points"] > 0 and f["warmup_fraction"] == 0.1
         assert 0 <= f["forecast_band"][0] <= f["forecast"] <= f["forecast_band"][1] <= 1
         assert "params" in f["samples"]
+        assert f["forecast_ok"] and f["heldout"]["mae"] < 0.05 and f["heldout"]["n_test"] > 0
     assert "cispo (" in result["statement"] and "asymptote A =" in result["statement"]
+
+
+def test_a_recipe_whose_curve_breaks_late_gets_no_forecast(store):
+    """A held-out check that fails withholds the forecast: the report says why instead of extrapolating."""
+    uri, root = store
+    curves = run_curves(load_runs(uri, ["recipes"], root=root), uri, root)
+    late = (curves["recipe"] == "cispo") & (curves["flops"] > 0.6 * curves["flops"].max())
+    curves.loc[late, "score"] -= 0.3  # collapses past the middle of its budget: no sigmoid from the early part
+    result = compare_recipes(curves, n_boot=20)
+    by = {f["recipe"]: f for f in result["recipes"]}
+    assert not by["cispo"]["forecast_ok"] and by["cispo"]["heldout"]["mae"] > 0.05
+    assert by["dapo"]["forecast_ok"] and result["ranking"][-1] == "cispo"
+    assert "cispo: fitted A =" in result["statement"] and "no forecast: held-out error" in result["statement"]
+    assert "cispo (" not in result["statement"]  # no number stated for it at the 10x budget
+
+
+def test_report_has_the_recipe_fits_table_and_plot(store, tmp_path):
+    """`rlscale report` on the store: fits.json key `recipes` (one entry per recipe with the fields tools read), the
+    recipe table and ranking in report.md, one recipes plot; the pooled fit says it mixes recipes."""
+    import json
+
+    from analysis.report import build_report
+
+    uri, root = store
+    result = build_report(uri, ["recipes"], None, None, tmp_path / "rep", root=root, log_to_mlflow=False)
+    fits = json.loads(result.fits_json.read_text())
+    assert [f["recipe"] for f in fits["recipes"]] == ["cispo", "dapo", "grpo"]
+    for f in fits["recipes"]:
+        assert {"recipe", "n_runs", "params", "ci", "warmup_fraction", "r2"} <= set(f)
+        assert set(f["params"]) == {"R0", "A", "B", "C_mid"} and f["n_runs"] == 3
+    assert fits["recipe_comparison"]["ranking"] == ["cispo", "dapo", "grpo"]
+    text = result.markdown.read_text()
+    assert "## Which recipe scales" in text and "| cispo | cispo | 3 |" in text and "![" in text
+    assert "Does RL keep paying?" in text and "plots/recipes.png" in text
+    assert result.plots["recipes"].read_bytes()[:4] == b"\x89PNG"
+    assert fits["pooled"]["recipes"] == ["cispo", "dapo", "grpo"]
+
+
+def test_recipe_labels_name_what_sets_each_recipe_apart():
+    import pandas as pd
+
+    from analysis.recipes import recipe_labels
+
+    runs = pd.DataFrame({
+        "tags.recipe": ["a1", "a1", "b2", "b2", "c3"],
+        "params.grpo.loss_type": ["cispo", "cispo", "dapo", "dapo", "dapo"],
+        "params.model.size": ["nano", "nano", "nano", "nano", "micro"],
+        "params.grpo.steps": ["20", "60", "20", "60", "20"],  # a budget: varies inside a recipe
+        "params.seed": ["0", "1", "0", "1", "0"], "params.name": ["x", "x", "x", "x", "y"],
+        "params.tracking.phase": ["rl", "rl", "rl", "rl", "final"],
+        "params.grpo.beta": ["0.04"] * 5,  # the same everywhere: sets nothing apart
+    })
+    assert recipe_labels(runs) == {"a1": "grpo.loss_type=cispo, model.size=nano", "b2": "grpo.loss_type=dapo, model.size=nano",
+                                   "c3": "grpo.loss_type=dapo, model.size=micro"}

@@ -99,7 +99,7 @@ def test_every_file_and_self_contained_html(real):
                                                    for p in result.plots.values())
     page = result.html.read_text(encoding="utf-8")
     images = _images(page)
-    assert len(images) == len(PLOTS) == 5
+    assert len(images) == len(PLOTS) == 6
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 for png in images)
     assert sorted(images) == sorted(p.read_bytes() for p in result.plots.values())
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
@@ -187,7 +187,7 @@ def test_fits_on_fake_runs(tmp_path, monkeypatch):
     assert fits["extrapolation"][0]["n_test"] > 0 and fits["extrapolation"][0]["form"] == fits["best_form"]
     md = result.markdown.read_text()
     assert re.search(r"accuracy = E - A C\^-alpha with E = 0\.\d+ \\\[0\.\d+, 0\.\d+\\\], A = ", md)  # [ ] escaped
-    assert "Next 10x of compute: at " in md and "Held-out extrapolation check" in md
+    assert "Next 10x of compute: at " in md and "Held-out extrapolation check" in md and fits["forecast_ok"]
     assert f"E = {sat['params']['E']:.4g} \\[{sat['ci']['E'][0]:.4g}, {sat['ci']['E'][1]:.4g}\\]" in md
     on_disk = json.loads(result.fits_json.read_text())
     assert on_disk["forms"]["saturating"]["params"] == sat["params"]
@@ -202,7 +202,7 @@ def test_empty_store_with_a_ledger(tmp_path, monkeypatch):
     assert result.fits["forms"] == {} and result.fits["n_points"] == 0
     md = result.markdown.read_text()
     assert "Total cost: $162.50" in md and "No final run" in md and "No fits: no finished run" in md
-    assert len(_images(result.html.read_text())) == 5
+    assert len(_images(result.html.read_text())) == 6
     assert json.loads(result.fits_json.read_text())["best_form"] is None
     assert result.report_run_id and MlflowClient(tracking_uri(None, tmp_path / "mlruns")).get_run(
         result.report_run_id).data.tags["phase"] == "report"
@@ -225,7 +225,7 @@ def test_chromium_renders_every_image(real, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     found = re.search(r"RENDERED (\d+)/(\d+)", done.stdout)
     assert found, (done.returncode, done.stdout[-500:], done.stderr[-2000:])
-    assert found.groups() == ("5", "5")
+    assert found.groups() == ("6", "6")
 
 
 def _fake_runs():
@@ -235,3 +235,23 @@ def _fake_runs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_no_forecast_when_no_law_extrapolates(tmp_path, monkeypatch):
+    """Runs whose score climbs and then collapses at the largest budgets: every form misses the held-out runs, so
+    the report states no next-10x number and says why (and draws no extrapolation)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "mlruns"
+    client = MlflowClient(tracking_uri(None, root))
+    exp = client.create_experiment("collapse")
+    t0 = 1_750_000_000_000
+    for i, (flops, score) in enumerate([(1e12, 0.10), (2e12, 0.2), (4e12, 0.3), (8e12, 0.4), (1.6e13, 0.5),
+                                        (3.2e13, 0.6), (6.4e13, 0.1), (1.28e14, 0.05)]):
+        rid = client.create_run(exp, start_time=t0, run_name=f"r{i}", tags={"phase": "rl"}).info.run_id
+        client.log_batch(rid, metrics=[Metric("compute/flops", flops, t0, 0), Metric("eval/accuracy", score, t0, 0)])
+        client.set_terminated(rid, "FINISHED")
+    result = build_report(None, ["collapse"], None, None, tmp_path / "report", root=root, log_to_mlflow=False)
+    assert not result.fits["forecast_ok"] and result.fits["extrapolation"][0]["mae"] > 0.05
+    md = result.markdown.read_text()
+    assert "Next 10x of compute" not in md
+    assert "No forecast: no law extrapolates on these runs, because the best form misses the held-out runs" in md

@@ -1,0 +1,118 @@
+"""Pruners compared on one sweep (run by hand, on a quiet machine): the same trials (random sampler, same seed) with
+no pruner, Optuna's median pruner and rlscale's scaling pruner; compute spent and best score found by each, and
+the seed spread of the unpruned sweep's best config (it retrained with two more seeds).
+
+    python benchmarks/pruners.py [--trials 10] [--out benchmarks/results/pruners.json]
+
+Each sweep writes to its own SQLite store under outputs/bench-pruners/<pruner>/; compute is the sum of
+compute/flops over every trial run (finished and pruned), read back from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from analysis.runs import load_runs
+from experiments.config import load_config
+from experiments.runner import run_experiment
+from experiments.sweep import run_sweep
+
+BASE = Path("experiments/recipes.toml")  # micro model, two-digit addition, quick evals every 10 RL steps
+SWEEP = """
+[sweep]
+trials = {trials}
+metric = "eval/accuracy"
+sampler = "random"       # the same trials in every sweep: only the pruner differs
+sampler_seed = 0
+pruner = "{pruner}"
+pruner_startup_trials = 2
+
+[sweep.space."grpo.learning_rate"]
+type = "float"
+low = 1e-5
+high = 3e-3
+log = true
+
+[sweep.space."grpo.loss_type"]
+type = "categorical"
+choices = ["grpo", "dapo", "cispo"]
+"""
+
+
+def config_for(pruner: str, trials: int, folder: Path) -> Path:
+    """experiments/recipes.toml without its grid, with a sweep using `pruner`, recording under `folder`."""
+    text = BASE.read_text().split("[grid.axes]")[0]
+    text = text.replace('output_dir = "outputs/recipes"', f'output_dir = "{folder}/out"')
+    text = text.replace('name = "recipes"', f'name = "pruner-{pruner}"')
+    path = folder / "sweep.toml"
+    path.write_text(text + f'\n[tracking]\nroot = "{folder}/mlruns"\n' + SWEEP.format(trials=trials, pruner=pruner))
+    return path
+
+
+def sweep(pruner: str, trials: int, root: Path) -> dict:
+    folder = root / pruner
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = config_for(pruner, trials, folder)
+    t0 = time.perf_counter()
+    study = run_sweep(str(config), [], workers=1)
+    wall = time.perf_counter() - t0
+    runs = load_runs(None, [f"pruner-{pruner}"], root=folder / "mlruns")
+    trials_runs = runs[runs["tags.phase"].fillna("") != "sweep"]
+    states = [t.state.name for t in study.trials]
+    best = study.best_trial
+    return {"pruner": pruner, "config": str(config), "wall_seconds": round(wall, 1),
+            "compute_flops": float(trials_runs["compute/flops"].sum()),
+            "device_seconds": float(trials_runs["compute/device_seconds"].sum()),
+            "trials": len(states), "pruned": states.count("PRUNED"), "complete": states.count("COMPLETE"),
+            "best_value": best.value, "best_params": best.params,
+            "trial_values": [t.value for t in study.trials], "trial_states": states,
+            "trial_params": [t.params for t in study.trials]}
+
+
+def seed_spread(result: dict, seeds: list[int]) -> dict:
+    """The unpruned sweep's best config retrained with more seeds: its final scores and their spread."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in result["best_params"].items()]
+    scores = [result["best_value"]]
+    for seed in seeds:
+        cfg = load_config(result["config"], overrides + [f"seed={seed}", "tracking.phase=seeds"])
+        scores.append(run_experiment(cfg, None).metrics["eval/accuracy"])
+    return {"seeds": [0, *seeds], "scores": scores, "spread": max(scores) - min(scores),
+            "stdev": statistics.stdev(scores)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--root", default="outputs/bench-pruners")
+    parser.add_argument("--out", default="benchmarks/results/pruners.json")
+    args = parser.parse_args()
+    root = Path(args.root).resolve()
+    results = {p: sweep(p, args.trials, root) for p in ("none", "median", "scaling")}
+    spread = seed_spread(results["none"], [1, 2])
+    base = results["none"]
+    for r in results.values():
+        r["compute_saved_pct"] = round(100 * (1 - r["compute_flops"] / base["compute_flops"]), 1)
+        r["best_within_seed_spread"] = r["best_value"] >= base["best_value"] - spread["spread"]
+    out = {"benchmark": "pruners", "base_config": str(BASE), "trials": args.trials,
+           "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "sweeps": results, "unpruned_best_seed_spread": spread,
+           "scaling_target_met": results["scaling"]["compute_saved_pct"] >= 30
+           and results["scaling"]["best_within_seed_spread"]}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for r in results.values():
+        print(f"{r['pruner']:>8}: {r['compute_flops']:.3g} FLOPs ({r['compute_saved_pct']:+.1f}% saved), "
+              f"{r['pruned']}/{r['trials']} pruned, best {r['best_value']:.3f}, {r['wall_seconds']:.0f} s")
+    print(f"seed spread of the unpruned best: {spread['scores']} -> {spread['spread']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
