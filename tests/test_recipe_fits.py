@@ -113,5 +113,6 @@ def test_recipe_labels_name_what_sets_each_recipe_apart():
         "params.tracking.phase": ["rl", "rl", "rl", "rl", "final"],
         "params.grpo.beta": ["0.04"] * 5,  # the same everywhere: sets nothing apart
     })
-    assert recipe_labels(runs) == {"a1": "grpo.loss_type=cispo, model.size=nano", "b2": "grpo.loss_type=dapo, model.size=nano",
+    assert recipe_labels(runs) == {"a1": "grpo.loss_type=cispo, model.size=nano",
+                                   "b2": "grpo.loss_type=dapo, model.size=nano",
                                    "c3": "grpo.loss_type=dapo, model.size=micro"}
