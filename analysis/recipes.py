@@ -1,7 +1,8 @@
-"""Which recipe scales: each run's held-out score against its cumulative compute, pooled per recipe, fitted the
-ScaleRL way (arXiv 2510.13786) with R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) after dropping the warm-up, and
-recipes compared by asymptote A and efficiency (B, C_mid). Intervals come from a bootstrap over runs, so seeds
-count; a score and its intervals stay in [0, 1].
+"""Which recipe scales: each run's held-out score against its cumulative RL compute (its compute less the SFT
+warm start and the evals: the part RL spends), pooled per recipe, fitted the ScaleRL way (arXiv 2510.13786) with
+R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) after dropping the warm-up, and recipes compared by asymptote A and
+efficiency (B, C_mid). Intervals come from a bootstrap over runs, so seeds count; a score and its intervals stay
+in [0, 1].
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from analysis.fits import Fit, extrapolation, fit
 from analysis.runs import metric_history
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
-CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "device_hours", "samples"]
+NOT_RL = ("compute/flops/sft", "compute/flops/eval")  # compute that is not RL training
+CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "rl_flops", "device_hours", "samples"]
 HORIZON = 10.0  # the forecast budget: 10x the largest compute a recipe ran
 WARMUP = 0.1  # points below this fraction of a recipe's largest compute are warm-up, not fitted (ScaleRL drops ~15%)
 HELD_OUT_CUT = 0.5  # the held-out check fits below this fraction of the largest compute and predicts the rest
@@ -25,7 +27,8 @@ MAX_HELD_OUT_ERROR = 0.05  # a forecast is stated only when the held-out mean ab
 
 def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
     """Every held-out eval of every finished run with a `recipe` tag (after SFT, each quick eval in RL, the final
-    one) with the run's cumulative compute, device-hours and RL samples at that step, read from MLflow's history."""
+    one) with the run's cumulative compute (all of it, and RL's: less SFT and evals), device-hours and RL samples at
+    that step, read from MLflow's history."""
     rows = []
     keep = runs[(runs["fate"] == "finished")] if "fate" in runs else runs
     for run in keep.to_dict("records"):
@@ -33,11 +36,14 @@ def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "m
         if not isinstance(recipe, str) or not recipe:
             continue
         history = {key: metric_history(run["run_id"], key, uri, root).groupby("step")["value"].last()
-                   for key in (SCORE, COMPUTE, HOURS, SAMPLES)}  # a step logged twice: its latest value
-        frame = pd.DataFrame(history).dropna(subset=[SCORE, COMPUTE])
+                   for key in (SCORE, COMPUTE, HOURS, SAMPLES, *NOT_RL)}  # a step logged twice: its latest value
+        frame = pd.DataFrame(history)
+        frame[[*NOT_RL]] = frame.reindex(columns=list(NOT_RL)).ffill().fillna(0.0)  # absent: none spent
+        frame = frame.dropna(subset=[SCORE, COMPUTE])
         for step, r in frame.iterrows():
             rows.append({"run_id": run["run_id"], "recipe": recipe, "step": int(step), "score": r[SCORE],
-                         "flops": r[COMPUTE], "device_hours": r.get(HOURS), "samples": r.get(SAMPLES)})
+                         "flops": r[COMPUTE], "rl_flops": r[COMPUTE] - sum(r[k] for k in NOT_RL),
+                         "device_hours": r.get(HOURS), "samples": r.get(SAMPLES)})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
@@ -62,9 +68,9 @@ def recipe_labels(runs: pd.DataFrame, most: int = 3) -> dict[str, str]:
     return labels
 
 
-def fit_recipe(curves: pd.DataFrame, x: str = "flops", warmup: float = WARMUP, n_boot: int = 200,
+def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP, n_boot: int = 200,
                seed: int = 0, horizon: float = HORIZON) -> dict[str, Any]:
-    """The sigmoid of one recipe's pooled curves against `x` (flops, device_hours or samples), points below
+    """The sigmoid of one recipe's pooled curves against `x` (rl_flops, flops, device_hours or samples), points below
     `warmup` x the largest x dropped; intervals from refits on runs resampled with replacement. Returns the
     parameters, their 95% intervals, r2, the held-out check (fitted below HELD_OUT_CUT x the largest x, scored
     above), and the forecast at `horizon` x the largest x with its band, the gain the next `horizon`-fold of x
@@ -97,14 +103,15 @@ def fit_recipe(curves: pd.DataFrame, x: str = "flops", warmup: float = WARMUP, n
 
 def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, n_boot: int = 200,
                     seed: int = 0) -> dict[str, Any]:
-    """Every recipe fitted against compute (and RL samples), ranked by the forecast at 10x the largest compute any
-    recipe ran (recipes whose held-out check fails come last, by fitted A), with which differences lie inside
+    """Every recipe fitted against RL compute (and RL samples), ranked by the forecast at 10x the largest RL compute
+    any recipe ran (recipes whose held-out check fails come last, by fitted A), with which differences lie inside
     the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the statement."""
     fits, skipped = [], {}
-    budget = HORIZON * float(curves["flops"].max()) if len(curves) else 0.0
+    budget = HORIZON * float(curves["rl_flops"].max()) if len(curves) else 0.0
     for recipe, group in curves.groupby("recipe", sort=True):
         try:
-            f = fit_recipe(group, "flops", n_boot=n_boot, seed=seed, horizon=budget / float(group["flops"].max()))
+            f = fit_recipe(group, "rl_flops", n_boot=n_boot, seed=seed,
+                           horizon=budget / float(group["rl_flops"].max()))
         except (ValueError, RuntimeError) as e:
             skipped[str(recipe)] = str(e)
             continue
@@ -172,7 +179,7 @@ def _statement(fits: list[dict[str, Any]], budget: float, skipped: dict[str, str
     ok = [f for f in fits if f["forecast_ok"]]
     lines = []
     if ok:
-        lines.append(f"At {budget:.3g} FLOPs (10x the largest run), the recipes whose held-out check passes "
+        lines.append(f"At {budget:.3g} RL FLOPs (10x the largest run), the recipes whose held-out check passes "
                      f"(mean error <= {MAX_HELD_OUT_ERROR:g}) rank "
                      + " > ".join(f"{f['label']} ({f['forecast']:.3f})" for f in ok) + ".")
     for a, b in zip(ok, ok[1:], strict=False):

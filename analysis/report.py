@@ -332,7 +332,8 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
     comparison = fits["recipe_comparison"]
     blocks: list[Block] = [("h2", "Which recipe scales"),
                            ("p", "Each recipe's runs (tag `recipe`: same config but for budget and seed) give one "
-                                 "curve of held-out accuracy at every eval against the run's cumulative compute; the "
+                                 "curve of held-out accuracy at every eval against the run's cumulative RL compute "
+                                 "(its FLOPs less the SFT warm start and the evals); the "
                                  "sigmoid R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) is fitted to the pooled curves "
                                  f"after dropping the first {100 * WARMUP:g}% of compute as warm-up (ScaleRL, arXiv "
                                  "2510.13786). A is the asymptote, B and C_mid the efficiency; intervals are 95% "
@@ -350,7 +351,7 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
         row = {"recipe": f["recipe"], "what sets it apart": f["label"], "runs": f["n_runs"],
                "points": f["n_points"], "A": f["params"]["A"],
                "A 95%": "[{:.3f}, {:.3f}]".format(*ci["A"]) if "A" in ci else "",
-               "B": f["params"]["B"], "C_mid (FLOPs)": f["params"]["C_mid"],
+               "B": f["params"]["B"], "C_mid (RL FLOPs)": f["params"]["C_mid"],
                "r2": f["r2"], "held-out error": held if held is not None else "no check",
                "at 10x budget": f["forecast"] if f["forecast_ok"] else "withheld",
                "next 10x gain": f["gain_next"] if f["forecast_ok"] else "withheld",
@@ -497,7 +498,7 @@ def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]]) -> bytes:
     for f, color in zip(recipes[:10], colors):
         runs = curves[curves["recipe"] == f["recipe"]]
         for i, (_, run) in enumerate(runs.groupby("run_id")):
-            ax.plot(run["flops"], run["score"], "o-", ms=3, lw=0.6, alpha=0.5, color=color,
+            ax.plot(run["rl_flops"], run["score"], "o-", ms=3, lw=0.6, alpha=0.5, color=color,
                     label=f"{f['label']}: {f['n_runs']} runs" if i == 0 else None)
         p = f["params"]
         top = f["largest_x"]
@@ -516,7 +517,7 @@ def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]]) -> bytes:
         _log_x(ax)
         ax.legend(fontsize=7, loc="best", ncol=2)
     ax.set_ylim(-0.03, 1.03)
-    ax.set(xlabel="cumulative compute of the run at each eval (FLOPs, log scale)",
+    ax.set(xlabel="cumulative RL compute of the run at each eval (FLOPs less SFT and evals, log scale)",
            ylabel="held-out accuracy (fraction correct)",
            title="Recipes: eval curves, sigmoid fits, 10x forecasts (dashed, with 95% band) where checked")
     return _png(fig)

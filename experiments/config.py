@@ -72,7 +72,7 @@ class SweepConfig(BaseModel):
         "median", description="Prune on intermediate evals (grpo.eval_every): median, none, or scaling (a trial whose "
         "own curve cannot reach the best finished trial by its full budget).")
     pruner_startup_trials: int = Field(2, ge=0, description="Trials completed before any pruning.")
-    pruner_warmup_steps: int = Field(0, ge=0, description="Steps of a trial before it can be pruned.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="RL steps of a trial before it can be pruned.")
     storage: str | None = Field(None, description="Optuna storage URL (default: journal file <root>/optuna.log).")
     study: str | None = Field(None, description="Study name (default: '<name>-sweep').")
     space: dict[str, SearchDim] = Field(default_factory=dict, description="Config field -> search dimension.")

@@ -95,7 +95,7 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
     seed = sw.sampler_seed + worker
     sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
     pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps) if sw.pruner == "median"
-              else ScalingPruner(cfg.sft.steps + cfg.grpo.steps, sw.pruner_warmup_steps) if sw.pruner == "scaling"
+              else ScalingPruner(cfg.grpo.steps, sw.pruner_warmup_steps) if sw.pruner == "scaling"
               else optuna.pruners.NopPruner())
     path = journal_path(storage)
     if path is None:  # RDB: heartbeats let any worker fail the trials of a dead one
@@ -153,7 +153,8 @@ class Reporter:
         if self.progress is not None:
             self.progress.on_log(step, metrics)
         if self.metric in metrics and "train/rl_step" in metrics:  # an intermediate eval, not the final one
-            self.trial.report(metrics[self.metric], step)
+            # at its RL step: trials compared step for step, whatever SFT took; the pruner's budget is grpo.steps
+            self.trial.report(metrics[self.metric], int(metrics["train/rl_step"]))
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}")
 

@@ -7,7 +7,7 @@ import optuna
 from optuna.trial import TrialState, create_trial
 
 from experiments.config import load_config
-from experiments.sweep import ScalingPruner, open_study
+from experiments.sweep import Reporter, ScalingPruner, open_study
 
 
 def _study(direction: str = "maximize", best: float = 0.6) -> optuna.Study:
@@ -42,4 +42,16 @@ def test_config_selects_it(tmp_path):
     cfg = load_config(None, ["sweep.pruner=scaling", "sft.steps=10", "grpo.steps=30", "sweep.pruner_warmup_steps=5",
                              "sweep.trials=2"])
     study = open_study(cfg, str(tmp_path / "j.log"), "s")
-    assert isinstance(study.pruner, ScalingPruner) and study.pruner.total_steps == 40
+    assert isinstance(study.pruner, ScalingPruner) and study.pruner.total_steps == 30  # the RL budget
+
+
+def test_trials_report_at_their_rl_step():
+    """Intermediate values are keyed by RL step, so trials whose SFT stopped at different steps line up and the
+    scaling pruner's budget is grpo.steps."""
+    study = optuna.create_study()
+    trial = study.ask()
+    reporter = Reporter(trial, "eval/accuracy")
+    reporter.on_log(412, {"eval/accuracy": 0.3, "train/rl_step": 25.0})
+    reporter.on_log(437, {"eval/accuracy": 0.4, "train/rl_step": 50.0})
+    reporter.on_log(487, {"eval/accuracy": 0.5})  # the final eval: not an intermediate value
+    assert study.trials[0].intermediate_values == {25: 0.3, 50: 0.4}
