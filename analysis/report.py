@@ -47,7 +47,7 @@ HELD_OUT = 0.25  # share of the distinct compute values held out above the extra
 PLOTS = {
     "score_vs_compute": "Score vs compute, with the fitted laws extrapolated to 10x the largest run",
     "score_vs_data": "Score vs RL data volume",
-    "recipes": "Each recipe's eval curves against compute, its fitted sigmoid and (where checked) its extrapolation",
+    "recipes": "Each recipe's eval curves against RL compute, its fitted sigmoid and (where checked) its extrapolation",
     "cost_breakdown": "Cost by category, phase and run fate",
     "spend_over_time": "Cumulative spend on runs over time",
     "total_vs_final": "The whole project vs the final run",
@@ -190,8 +190,7 @@ def _pooled(points: pd.DataFrame) -> dict[str, Any]:
     """What the pooled fit mixes: how many recipes and model sizes its runs span."""
     recipes = points["tags.recipe"].dropna().astype(str)
     models = points["tags.model.name"].dropna().astype(str)
-    return {"recipes": sorted(set(recipes)), "model_sizes": sorted(set(models)),
-            "untagged_runs": int(points["tags.recipe"].isna().sum())}
+    return {"recipes": sorted(set(recipes)), "model_sizes": sorted(set(models))}
 
 
 def _judge_forecast(fits: dict[str, Any]) -> None:
@@ -341,9 +340,9 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
                                  f"sigmoid fitted below half the largest compute predicts the rest within "
                                  f"{MAX_HELD_OUT_ERROR:g} on average.")]
     if not fits["recipes"]:
-        why = "; ".join(f"{r}: {e}" for r, e in comparison["skipped"].items()) or "no finished run has a recipe tag " \
-              "and an eval/accuracy history"
-        return blocks + [("p", f"No recipe fitted ({why})."), ("plot", "recipes")]
+        why = comparison["statement"] if comparison["skipped"] else \
+            "No recipe fitted: no finished run has a recipe tag and an eval/accuracy history."
+        return blocks + [("p", why), ("plot", "recipes")]
     rows = []
     for f in fits["recipes"]:
         ci = f.get("ci", {})
