@@ -3,7 +3,7 @@
     python benchmarks/smollm2_seeds.py [--seeds 0 1 2] [--set grpo.steps=40]
 
 experiments/smollm2.toml is sized for that budget: SFT stops at 25% training accuracy (RL gets room), RL trains the
-solver only (checking every answer is 70% of a GRPO step on this CPU: with it 24 steps fit, without it 50), and the
+solver only (checking every answer is 70% of a GRPO step on this CPU: with it 24 steps fit, without it 60), and the
 held-out evals sample 2 answers a problem. What self-verification reaches is still measured by both evals: the
 checks the model learned in SFT (a quarter of its SFT examples).
 """
