@@ -5,6 +5,7 @@ them unconditionally."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -17,6 +18,15 @@ def setup(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left to interpreter shutdown, gloo's worker threads abort the process (SIGABRT, "terminate called
+        # without an active exception") after a run that succeeded: destroy the group while Python is alive
+        atexit.register(teardown)
+
+
+def teardown() -> None:
+    """Leave the process group (a no-op when there is none or it is already gone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> int:
