@@ -11,8 +11,8 @@ from typing import Annotated, Literal, get_args
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from analysis.runs import FATES
-from tracking.cost import load_prices
+from rlscale.analysis.runs import FATES
+from rlscale.tracking.cost import load_prices
 
 Category = Literal["final_run", "prior_runs", "human_data", "hardware", "staff", "other"]
 CATEGORIES: tuple[str, ...] = get_args(Category)

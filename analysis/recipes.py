@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.fits import Fit, extrapolation, fit
-from analysis.runs import metric_history
+from rlscale.analysis.fits import Fit, extrapolation, fit
+from rlscale.analysis.runs import metric_history
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
 NOT_RL = ("compute/flops/sft", "compute/flops/eval")  # compute that is not RL training

@@ -29,11 +29,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from mlflow.tracking import MlflowClient
 
-from analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
-from analysis.fits import FORMS, Fit, compare_forms, fit
-from analysis.recipes import MAX_HELD_OUT_ERROR, WARMUP, compare_recipes, recipe_labels, run_curves, sigmoid
-from analysis.runs import FATES, load_runs
-from tracking.run import experiment_id, tracking_uri
+from rlscale.analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
+from rlscale.analysis.fits import FORMS, Fit, compare_forms, fit
+from rlscale.analysis.recipes import MAX_HELD_OUT_ERROR, WARMUP, compare_recipes, recipe_labels, run_curves, sigmoid
+from rlscale.analysis.runs import FATES, load_runs
+from rlscale.tracking.run import experiment_id, tracking_uri
 
 SCORE, COMPUTE = "eval/accuracy", "compute/flops"
 DATA_VOLUME = {"data/samples": "sampled completions", "data/tokens/generated": "generated tokens"}

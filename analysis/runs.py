@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.tracking import MlflowClient
 
-from tracking.run import probe_database, tracking_uri
+from rlscale.tracking.run import probe_database, tracking_uri
 
 CORE_COLUMNS = ["run_id", "experiment", "run_name", "status", "fate", "start_time", "end_time", "parent_run_id"]
 FATES = ("finished", "failed", "killed", "pruned", "running")

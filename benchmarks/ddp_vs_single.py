@@ -32,7 +32,7 @@ def train(config: str, seed: int, nproc: int, root: Path) -> tuple[dict[str, flo
     name = f"ddp{nproc}"
     sets = [f"name={name}", f"seed={seed}", f"output_dir={root / f'{name}-s{seed}'}",
             f"tracking.root={root / 'mlruns'}", "grpo.eval_every=0"]
-    cmd = [sys.executable, "-m", "experiments.cli", "train", config, "--nproc", str(nproc), "--no-resume",
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "train", config, "--nproc", str(nproc), "--no-resume",
            *[a for s in sets for a in ("--set", s)]]
     env = os.environ | {"OMP_NUM_THREADS": str(2 // nproc)}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from rl.accounting import FlopModel, Meter
-from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, count_params, load_model
-from rl.tasks import ArithmeticParams, make_task
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import ModelConfig, count_params, load_model
+from rlscale.rl.tasks import ArithmeticParams, make_task
 
 
 class Timer:

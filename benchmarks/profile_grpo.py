@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from rl.accounting import FlopModel, Meter
-from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, load_model
-from rl.tasks import ArithmeticParams, make_task
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import ModelConfig, load_model
+from rlscale.rl.tasks import ArithmeticParams, make_task
 
 
 def main() -> None:

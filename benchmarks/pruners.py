@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from analysis.runs import load_runs
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from experiments.sweep import run_sweep
+from rlscale.analysis.runs import load_runs
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.experiments.sweep import run_sweep
 
 BASE = Path("experiments/recipes.toml")  # micro model, two-digit addition, quick evals every 10 RL steps
 SWEEP = """

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from analysis.report import build_report  # noqa: E402
 from benchmarks.fake_runs import write_fake_runs  # noqa: E402
+from rlscale.analysis.report import build_report  # noqa: E402
 
 TARGET_SECONDS = 30.0
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import load_config
-from rl.pipeline import run_pipeline
+from rlscale.experiments.config import load_config
+from rlscale.rl.pipeline import run_pipeline
 
 
 class Curve:

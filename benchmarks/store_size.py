@@ -77,8 +77,8 @@ def values_per_step() -> dict[str, float]:
     """Metric values a real (tiny) run logs per SFT step and per GRPO step: the difference between short runs."""
     import torch
 
-    from experiments.config import load_config
-    from experiments.runner import run_experiment
+    from rlscale.experiments.config import load_config
+    from rlscale.experiments.runner import run_experiment
 
     class Quiet:
         def on_log(self, step, metrics):

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from rl.accounting import FlopModel, Meter
-from rl.grpo import GRPOConfig, train_grpo
-from rl.model import ModelConfig, load_model
-from rl.tasks import ArithmeticParams, make_task
-from tracking.run import TrackedRun, tracking_uri
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import ModelConfig, load_model
+from rlscale.rl.tasks import ArithmeticParams, make_task
+from rlscale.tracking.run import TrackedRun, tracking_uri
 
 
 class Null:

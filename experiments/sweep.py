@@ -21,9 +21,9 @@ import torch
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from experiments.config import ExperimentConfig, SearchDim, load_config
-from experiments.runner import run_experiment
-from tracking.run import experiment_id, open_client, safe_uri
+from rlscale.experiments.config import ExperimentConfig, SearchDim, load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking.run import experiment_id, open_client, safe_uri
 
 PARENT_ATTR = "mlflow_parent_run_id"
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

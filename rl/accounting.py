@@ -22,9 +22,9 @@ import psutil
 import torch
 from transformers import PreTrainedModel
 
-from rl import distributed
-from rl.energy import GpuEnergy
-from rl.generate import Batch, distinct_rows
+from rlscale.rl import distributed
+from rlscale.rl.energy import GpuEnergy
+from rlscale.rl.generate import Batch, distinct_rows
 
 PHASES = ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")
 COUNTERS = (

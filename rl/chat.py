@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from rl.tasks import Problem, Task
+from rlscale.rl.tasks import Problem, Task
 
 ANSWER_RULE = "Put the final answer in \\boxed{}."
 VERIFY_RULE = 'Solve it yourself, compare, and end with "Verdict: yes" (correct) or "Verdict: no" (wrong).'

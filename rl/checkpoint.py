@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from rl import distributed
-from rl.accounting import Meter, merged
+from rlscale.rl import distributed
+from rlscale.rl.accounting import Meter, merged
 
 STOP = threading.Event()  # set by a signal handler: trainers checkpoint at the next step boundary and stop
 

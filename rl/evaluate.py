@@ -8,10 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rl.accounting import Meter
-from rl.generate import sample
-from rl.self_verify import p_yes, split_trace, verify_prompt
-from rl.tasks import Problem, Task
+from rlscale.rl.accounting import Meter
+from rlscale.rl.generate import sample
+from rlscale.rl.self_verify import p_yes, split_trace, verify_prompt
+from rlscale.rl.tasks import Problem, Task
 
 
 class EvalConfig(BaseModel):

@@ -17,12 +17,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rl import distributed
-from rl.accounting import Callback, Meter
-from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
-from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
-from rl.self_verify import NO, YES, corrupt, verdict_reward, verify_prompt
-from rl.tasks import Task
+from rlscale.rl import distributed
+from rlscale.rl.accounting import Callback, Meter
+from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
+from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rlscale.rl.self_verify import NO, YES, corrupt, verdict_reward, verify_prompt
+from rlscale.rl.tasks import Task
 
 
 class GRPOConfig(BaseModel):

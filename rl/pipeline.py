@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rl import distributed
-from rl.accounting import Callback, FlopModel, Meter, cpu_devices
-from rl.chat import for_model
-from rl.checkpoint import latest_checkpoint
-from rl.energy import GpuEnergy, gpu_uuid
-from rl.evaluate import EvalConfig, evaluate
-from rl.generate import sample
-from rl.grpo import GRPOConfig, train_grpo
-from rl.model import (
+from rlscale.rl import distributed
+from rlscale.rl.accounting import Callback, FlopModel, Meter, cpu_devices
+from rlscale.rl.chat import for_model
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.energy import GpuEnergy, gpu_uuid
+from rlscale.rl.evaluate import EvalConfig, evaluate
+from rlscale.rl.generate import sample
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import (
     ModelConfig,
     add_lora,
     check_model_path,
@@ -31,8 +31,8 @@ from rl.model import (
     pick_device,
     save_model,
 )
-from rl.sft import SFTConfig, train_sft
-from rl.tasks import ArithmeticParams, Problem, Task, TaskConfig, make_task
+from rlscale.rl.sft import SFTConfig, train_sft
+from rlscale.rl.tasks import ArithmeticParams, Problem, Task, TaskConfig, make_task
 
 
 class InputError(ValueError):

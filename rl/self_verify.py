@@ -12,8 +12,8 @@ import random
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
-from rl.tasks import Problem, Task
+from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
+from rlscale.rl.tasks import Problem, Task
 
 YES, NO = "yes", "no"
 

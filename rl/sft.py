@@ -11,12 +11,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rl import distributed
-from rl.accounting import Callback, Meter
-from rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
-from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
-from rl.grpo import lr_lambda
-from rl.self_verify import sft_examples
+from rlscale.rl import distributed
+from rlscale.rl.accounting import Callback, Meter
+from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
+from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
+from rlscale.rl.grpo import lr_lambda
+from rlscale.rl.self_verify import sft_examples
 
 
 class SFTConfig(BaseModel):

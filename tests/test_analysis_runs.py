@@ -12,7 +12,7 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from analysis.runs import CORE_COLUMNS, RunsError, load_runs, metric_history
+from rlscale.analysis.runs import CORE_COLUMNS, RunsError, load_runs, metric_history
 
 T0 = 1_750_000_000_000  # ms
 

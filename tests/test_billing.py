@@ -20,19 +20,19 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from analysis.cost import cost_table, project_cost
-from experiments import runner, sweep
-from experiments.cli import app
-from experiments.config import TrackingConfig, load_config
-from experiments.runner import run_experiment
-from rl import accounting, distributed
-from rl.accounting import FlopModel, Meter, cpu_devices
-from rl.checkpoint import load_checkpoint, save_checkpoint
-from rl.energy import GpuEnergy, gpu_uuid
-from rl.model import ModelConfig, load_model
-from rl.self_verify import split_trace
-from tracking.cost import DEFAULT_PRICES, PriceError, device_key, load_price_table
-from tracking.run import tracking_uri
+from rlscale.analysis.cost import cost_table, project_cost
+from rlscale.experiments import runner, sweep
+from rlscale.experiments.cli import app
+from rlscale.experiments.config import TrackingConfig, load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.rl import accounting, distributed
+from rlscale.rl.accounting import FlopModel, Meter, cpu_devices
+from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint
+from rlscale.rl.energy import GpuEnergy, gpu_uuid
+from rlscale.rl.model import ModelConfig, load_model
+from rlscale.rl.self_verify import split_trace
+from rlscale.tracking.cost import DEFAULT_PRICES, PriceError, device_key, load_price_table
+from rlscale.tracking.run import tracking_uri
 
 FM = FlopModel(n_params=1000, n_head=100, n_layers=2, d_attn=8)
 
@@ -194,9 +194,9 @@ counters = {}
 sys.modules["pynvml"] = types.SimpleNamespace(
     nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=lambda u: u,
     nvmlDeviceGetTotalEnergyConsumption=lambda h: counters.setdefault(h, 0.0))
-from rl import distributed
-from rl.accounting import FlopModel, Meter
-from rl.energy import GpuEnergy
+from rlscale.rl import distributed
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.energy import GpuEnergy
 distributed.setup(torch.device("cpu"))
 rank = distributed.rank()
 meter = Meter(FlopModel(1000, 100, 2, 8), energy=GpuEnergy([f"GPU-rank{rank}"]))

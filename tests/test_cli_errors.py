@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from experiments.cli import app
+from rlscale.experiments.cli import app
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "experiments" / "addition.toml")
 

@@ -9,8 +9,8 @@ import re
 import pandas as pd
 import pytest
 
-from analysis.cost import CATEGORIES, LedgerError, cost_table, load_ledger, project_cost, spend_over_time
-from analysis.runs import FATES
+from rlscale.analysis.cost import CATEGORIES, LedgerError, cost_table, load_ledger, project_cost, spend_over_time
+from rlscale.analysis.runs import FATES
 
 LEDGER = """
 [[item]]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.config import load_config
-from rl.tasks import DatasetParams, DatasetTask, Problem, make_task
-from rl.tasks.dataset import last_boxed, parse_number
+from rlscale.experiments.config import load_config
+from rlscale.rl.tasks import DatasetParams, DatasetTask, Problem, make_task
+from rlscale.rl.tasks.dataset import last_boxed, parse_number
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "experiments" / "data" / "word_problems.jsonl"
@@ -126,7 +126,7 @@ def test_sample_file_splits_without_overlap_and_stably():
 
 
 def test_sample_file_is_what_the_script_writes():
-    from experiments.data.make_word_problems import make
+    from rlscale.experiments.data.make_word_problems import make
 
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     assert rows == make()

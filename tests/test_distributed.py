@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from tracking.run import tracking_uri
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking.run import tracking_uri
 
 STEPS, PROMPTS, G = 3, 4, 2
 SETS = [
@@ -35,7 +35,7 @@ def test_torchrun_two_ranks_sum_compute_and_log_once(tmp_path, monkeypatch):
     args = [a for s in sets for a in ("--set", s)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     (tmp_path / "ddp.toml").write_text('name = "ddp"\n')
-    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "train", "ddp.toml", "--nproc", "2",
+    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "train", "ddp.toml", "--nproc", "2",
            "--set", f"output_dir={tmp_path / 'ddp'}", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -63,10 +63,10 @@ class _Quiet:
 
 
 def test_prompts_must_split_evenly_over_ranks(monkeypatch):
-    from rl import distributed
+    from rlscale.rl import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: 3)
-    from rl.grpo import GRPOConfig, train_grpo
+    from rlscale.rl.grpo import GRPOConfig, train_grpo
 
     with pytest.raises(ValueError, match="not divisible by 3 ranks"):
         train_grpo(None, None, None, GRPOConfig(prompts_per_step=4), seed=0, meter=None, callback=None)

@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from experiments.cli import app
-from experiments.config import ConfigError, load_config
-from experiments.sweep import run_sweep
-from tracking.run import tracking_uri
+from rlscale.experiments.cli import app
+from rlscale.experiments.config import ConfigError, load_config
+from rlscale.experiments.sweep import run_sweep
+from rlscale.tracking.run import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -115,7 +115,7 @@ def test_pruned_trial_keeps_its_compute(tmp_path, monkeypatch):
 
 def test_sweep_sampler_seed_is_reproducible(tmp_path):
     cfg = load_config(_write(tmp_path, SWEEP))
-    from experiments.sweep import open_study, suggest
+    from rlscale.experiments.sweep import open_study, suggest
 
     draws = []
     for i in range(2):
@@ -203,7 +203,7 @@ def test_ui_answers_on_health(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "ui", "--port", str(port), "--uri", uri]
+    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "ui", "--port", str(port), "--uri", uri]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.fits import FORMS, compare_forms, extrapolation, fit, fit_csv
+from rlscale.analysis.fits import FORMS, compare_forms, extrapolation, fit, fit_csv
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLOPS = np.geomspace(1e12, 1e20, 40)

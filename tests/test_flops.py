@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rl.accounting import FlopModel
-from rl.generate import completion_logprobs, sample
-from rl.model import ModelConfig, load_model
+from rlscale.rl.accounting import FlopModel
+from rlscale.rl.generate import completion_logprobs, sample
+from rlscale.rl.model import ModelConfig, load_model
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

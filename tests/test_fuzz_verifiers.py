@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-import experiments.cli as cli
-from rl.self_verify import corrupt, parse_verdict, split_trace, verdict_reward
-from rl.tasks import ArithmeticParams, CountdownParams, RecipeParams, make_task
-from tracking.run import experiment_id, flatten, masked, tracking_uri
+import rlscale.experiments.cli as cli
+from rlscale.rl.self_verify import corrupt, parse_verdict, split_trace, verdict_reward
+from rlscale.rl.tasks import ArithmeticParams, CountdownParams, RecipeParams, make_task
+from rlscale.tracking.run import experiment_id, flatten, masked, tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["rl", "tracking", "experiments", "analysis"]
@@ -261,7 +261,7 @@ def test_experiment_names_cannot_place_artifacts_outside_the_root(tmp_path, monk
 
 
 def test_artifact_names_with_dotdot_are_refused_and_write_nothing_outside(tmp_path, monkeypatch):
-    from tracking.run import TrackedRun
+    from rlscale.tracking.run import TrackedRun
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "store" / "mlruns"
@@ -284,8 +284,8 @@ def test_artifact_names_with_dotdot_are_refused_and_write_nothing_outside(tmp_pa
 
 
 def test_report_of_an_experiment_named_dotdot_writes_only_into_out_and_the_store(tmp_path, monkeypatch):
-    from analysis.report import build_report
-    from tracking.run import TrackedRun
+    from rlscale.analysis.report import build_report
+    from rlscale.tracking.run import TrackedRun
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

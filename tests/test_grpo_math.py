@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rl.evaluate import balanced_accuracy, pass_at_k
-from rl.grpo import GRPOConfig, group_advantages, grpo_loss, lr_lambda
+from rlscale.rl.evaluate import balanced_accuracy, pass_at_k
+from rlscale.rl.grpo import GRPOConfig, group_advantages, grpo_loss, lr_lambda
 
 
 def test_group_advantages_scaled_and_unscaled():

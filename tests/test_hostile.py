@@ -15,12 +15,12 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from analysis.report import build_report
-from experiments.cli import app
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from tracking.run import flatten, masked, safe_uri, tracking_uri
-from tracking.spool import Spool, pending, sync_spool
+from rlscale.analysis.report import build_report
+from rlscale.experiments.cli import app
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking.run import flatten, masked, safe_uri, tracking_uri
+from rlscale.tracking.spool import Spool, pending, sync_spool
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "a|b|c", "[/oops]", "$\\undefinedmacro{$",
            "=HYPERLINK(\"http://x\")", "+1", "@SUM(A1)", "\x1b[31mred\x1b[0m", "*bold* _it_ [link](http://x)"]
@@ -204,7 +204,7 @@ def test_sweep_storage_forms(cwd):
                                 'high = 1e-3\n')
     line = _one_error_line(CliRunner().invoke(app, ["sweep", "s.toml", "--storage", "redis://u:pw/x@h/0"]))
     assert "journal file path" in line and "pw/x" not in line
-    from experiments.sweep import journal_path
+    from rlscale.experiments.sweep import journal_path
 
     assert journal_path(f"journal://{cwd}/j.log") == f"{cwd}/j.log"
     assert journal_path("mlruns/optuna.log") == "mlruns/optuna.log" and journal_path("sqlite:///x.db") is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rl.model import SIZES, ModelConfig, char_tokenizer, count_params, load_model, save_model
+from rlscale.rl.model import SIZES, ModelConfig, char_tokenizer, count_params, load_model, save_model
 
 
 def test_char_tokenizer_round_trip():
@@ -56,7 +56,7 @@ def test_folder_needing_its_own_code_is_refused_in_one_line(tmp_path, monkeypatc
     """transformers would ask "run custom code? [y/N]" on stdin, and `yes y |` would run the folder's Python."""
     from typer.testing import CliRunner
 
-    from experiments.cli import app
+    from rlscale.experiments.cli import app
 
     model = tmp_path / "evil"
     model.mkdir()

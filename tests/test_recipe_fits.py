@@ -10,9 +10,9 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from analysis.recipes import compare_recipes, run_curves
-from analysis.runs import load_runs
-from tracking.run import tracking_uri
+from rlscale.analysis.recipes import compare_recipes, run_curves
+from rlscale.analysis.runs import load_runs
+from rlscale.tracking.run import tracking_uri
 
 # recipe -> (R0, A, B, C_mid): the truth each recipe's runs follow
 TRUTH = {"cispo": (0.05, 0.80, 1.2, 3e14), "dapo": (0.05, 0.72, 1.0, 2e14), "grpo": (0.05, 0.60, 1.5, 1e14)}
@@ -82,7 +82,7 @@ def test_report_has_the_recipe_fits_table_and_plot(store, tmp_path):
     recipe table and ranking in report.md, one recipes plot; the pooled fit says it mixes recipes."""
     import json
 
-    from analysis.report import build_report
+    from rlscale.analysis.report import build_report
 
     uri, root = store
     result = build_report(uri, ["recipes"], None, None, tmp_path / "rep", root=root, log_to_mlflow=False)
@@ -102,7 +102,7 @@ def test_report_has_the_recipe_fits_table_and_plot(store, tmp_path):
 def test_recipe_labels_name_what_sets_each_recipe_apart():
     import pandas as pd
 
-    from analysis.recipes import recipe_labels
+    from rlscale.analysis.recipes import recipe_labels
 
     runs = pd.DataFrame({
         "tags.recipe": ["a1", "a1", "b2", "b2", "c3"],

@@ -3,7 +3,7 @@ new recipe; `tracking.recipe` names one by hand; `rlscale runs list` shows it.""
 
 from __future__ import annotations
 
-from experiments.config import load_config, recipe_of
+from rlscale.experiments.config import load_config, recipe_of
 
 
 def _recipe(*sets: str) -> str:

@@ -16,12 +16,12 @@ from conftest import Boom
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from analysis.cost import load_ledger, project_cost
-from analysis.report import PLOTS, build_report
-from analysis.runs import load_runs
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from tracking.run import tracking_uri
+from rlscale.analysis.cost import load_ledger, project_cost
+from rlscale.analysis.report import PLOTS, build_report
+from rlscale.analysis.runs import load_runs
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking.run import tracking_uri
 
 LEDGER = """
 [[item]]

@@ -21,9 +21,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from pg import Cluster, find_bin_dir, mlflow_server
 
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from experiments.sweep import run_sweep
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.experiments.sweep import run_sweep
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_sweep_workers_share_a_postgres_study(postgres, server, tmp_path, monkey
 def test_two_separate_sweep_commands_share_one_study(postgres, server, tmp_path):
     """Two `rlscale sweep` processes started at once (as on two machines) on the same study and store."""
     config, storage = _write(tmp_path, "pg-cli", SWEEP), postgres.url("optuna")
-    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "sweep", config, "--trials", "4",
+    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "sweep", config, "--trials", "4",
            "--storage", storage, "--study", "pg-cli"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
     # the experiment does not exist yet: both commands race to create it (tracking.run.experiment_id), and both

@@ -6,8 +6,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from experiments.config import load_config
-from experiments.sweep import Reporter, ScalingPruner, open_study
+from rlscale.experiments.config import load_config
+from rlscale.experiments.sweep import Reporter, ScalingPruner, open_study
 
 
 def _study(direction: str = "maximize", best: float = 0.6) -> optuna.Study:

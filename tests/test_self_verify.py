@@ -6,10 +6,18 @@ import random
 
 import torch
 
-from rl.accounting import FlopModel, Meter
-from rl.evaluate import EvalConfig, evaluate
-from rl.self_verify import corrupt, p_yes, parse_verdict, sft_examples, split_trace, verdict_reward, verify_prompt
-from rl.tasks import ArithmeticParams, CountdownParams, Problem, RecipeParams, make_task
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.evaluate import EvalConfig, evaluate
+from rlscale.rl.self_verify import (
+    corrupt,
+    p_yes,
+    parse_verdict,
+    sft_examples,
+    split_trace,
+    verdict_reward,
+    verify_prompt,
+)
+from rlscale.rl.tasks import ArithmeticParams, CountdownParams, Problem, RecipeParams, make_task
 
 
 def test_parse_verdict_and_split_trace():

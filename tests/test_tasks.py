@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rl.tasks import (
+from rlscale.rl.tasks import (
     ArithmeticParams,
     ArithmeticTask,
     CountdownParams,

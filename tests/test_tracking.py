@@ -16,13 +16,13 @@ from conftest import Boom, wait_for_health
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from experiments.cli import app
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from rl.checkpoint import latest_checkpoint
-from tracking.cost import PriceError, cost_usd, load_prices
-from tracking.run import experiment_id, flatten, tracking_uri
-from tracking.runs import list_runs, reconcile
+from rlscale.experiments.cli import app
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.tracking.cost import PriceError, cost_usd, load_prices
+from rlscale.tracking.run import experiment_id, flatten, tracking_uri
+from rlscale.tracking.runs import list_runs, reconcile
 
 SCHEMA = [
     "compute/flops", "compute/flops/sft", "compute/flops/rollout", "compute/flops/verify_rollout",
@@ -128,7 +128,7 @@ def _start_training(tmp_path, name: str):
     """A long training subprocess recording to a store under tmp_path; returns it once compute is in the store."""
 
     root = tmp_path / "mlruns"
-    cmd = [sys.executable, "-m", "experiments.cli", "train", "experiments/addition.toml",
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "train", "experiments/addition.toml",
            "--set", "model.size=nano", "--set", "sft.steps=100000", "--set", "sft.target_accuracy=1.0",
            "--set", "tracking.flush_seconds=1", "--set", f"tracking.root={root}",
            "--set", f"output_dir={tmp_path / 'out'}", "--set", f"name={name}"]
@@ -257,7 +257,7 @@ def test_system_metrics_checkpoint_artifacts_and_no_fake_energy(tmp_path, monkey
 def test_gpu_energy_without_nvml(monkeypatch):
     import types
 
-    from rl.energy import GpuEnergy
+    from rlscale.rl.energy import GpuEnergy
 
     def broken():
         raise RuntimeError("NVML Shared Library Not Found")
@@ -271,7 +271,7 @@ def test_dataset_row_created_by_another_run_at_the_same_moment_is_linked(tmp_pat
     (seen on PostgreSQL in CI), and logging again must link its run to the row the winner made."""
     from mlflow.exceptions import MlflowException
 
-    from tracking.spool import deliver
+    from rlscale.tracking.spool import deliver
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = client.create_run(client.create_experiment("race")).info.run_id

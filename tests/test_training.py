@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.accounting import PHASES, FlopModel, Meter
-from rl.checkpoint import latest_checkpoint
-from rl.grpo import GRPOConfig, train_grpo
-from rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
-from rl.pipeline import PipelineConfig, run_pipeline
-from rl.tasks import ArithmeticParams, make_task
+from rlscale.rl.accounting import PHASES, FlopModel, Meter
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
+from rlscale.rl.pipeline import PipelineConfig, run_pipeline
+from rlscale.rl.tasks import ArithmeticParams, make_task
 
 
 def _config(tmp_path, **grpo) -> PipelineConfig:

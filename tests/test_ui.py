@@ -17,10 +17,10 @@ import pytest
 from conftest import wait_for_health
 from mlflow.tracking import MlflowClient
 
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from experiments.sweep import run_sweep
-from tracking.run import tracking_uri
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.experiments.sweep import run_sweep
+from rlscale.tracking.run import tracking_uri
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SETS = ["model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=3", "grpo.steps=2",
@@ -58,7 +58,7 @@ def ui(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = tracking_uri(None, root)
-    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "ui", "--port", str(port), "--uri", store]
+    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "ui", "--port", str(port), "--uri", store]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"

@@ -18,8 +18,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tracking.cost import cost_usd, load_prices
-from tracking.spool import Spool, default_spool_dir, deliver, sync_file
+from rlscale.tracking.cost import cost_usd, load_prices
+from rlscale.tracking.spool import Spool, default_spool_dir, deliver, sync_file
 
 try:
     import fcntl

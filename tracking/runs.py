@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus, ViewType
 from mlflow.tracking import MlflowClient
 
-from tracking.spool import SyncResult, sync_spool
+from rlscale.tracking.spool import SyncResult, sync_spool
 
 
 def experiment_ids(client: MlflowClient, names: list[str] | None = None) -> list[str]:

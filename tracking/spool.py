@@ -253,7 +253,7 @@ def sync_file(path: str | Path, uri: str, client_factory: Callable[[str], Any] |
 
 
 def _check_spool(path: Path, header: dict[str, Any], records: list[dict[str, Any]], uri: str, named: bool) -> None:
-    from tracking.run import safe_uri
+    from rlscale.tracking.run import safe_uri
 
     if not named and header.get("tracking_uri") != uri:
         raise ValueError(f"written for the store {safe_uri(str(header.get('tracking_uri')))}, not the current one "
@@ -277,7 +277,7 @@ def sync_spool(directory: str | Path, uri: str | None = None,
                client_factory: Callable[[str], Any] | None = None) -> SyncResult:
     """Deliver every spool file in `directory` to the store `uri` (default: the current store, and then only the
     files written for it; see `sync_file`); a file that fails stays for the next sync."""
-    from tracking.run import tracking_uri
+    from rlscale.tracking.run import tracking_uri
 
     result = SyncResult()
     target = uri or tracking_uri(None)

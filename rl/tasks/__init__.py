@@ -122,10 +122,10 @@ class Task:
 
 
 # Imported after the base class: each module subclasses Task.
-from rl.tasks.arithmetic import ArithmeticParams, ArithmeticTask  # noqa: E402
-from rl.tasks.countdown import CountdownParams, CountdownTask  # noqa: E402
-from rl.tasks.dataset import DatasetParams, DatasetTask  # noqa: E402
-from rl.tasks.recipe import RecipeParams, RecipeTask  # noqa: E402
+from rlscale.rl.tasks.arithmetic import ArithmeticParams, ArithmeticTask  # noqa: E402
+from rlscale.rl.tasks.countdown import CountdownParams, CountdownTask  # noqa: E402
+from rlscale.rl.tasks.dataset import DatasetParams, DatasetTask  # noqa: E402
+from rlscale.rl.tasks.recipe import RecipeParams, RecipeTask  # noqa: E402
 
 TaskConfig = Annotated[
     Union[ArithmeticParams, CountdownParams, DatasetParams, RecipeParams], Field(discriminator="name")

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rl.tasks import Problem, Task, TaskParams
+from rlscale.rl.tasks import Problem, Task, TaskParams
 
 _INT = re.compile(r"-?[0-9]{1,64}")
 

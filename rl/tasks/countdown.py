@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rl.tasks import Problem, Task, TaskParams
+from rlscale.rl.tasks import Problem, Task, TaskParams
 
 MAX_ANSWER_CHARS = 100
 _ALLOWED = re.compile(rf"[0-9+\-*/() ]{{1,{MAX_ANSWER_CHARS}}}")

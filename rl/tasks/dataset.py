@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from rl.tasks import Problem, Task, TaskParams
+from rlscale.rl.tasks import Problem, Task, TaskParams
 
 MAX_ANSWER_CHARS = 200
 MATH_TIMEOUT_S = 2

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rl.tasks import Problem, Task, TaskParams
+from rlscale.rl.tasks import Problem, Task, TaskParams
 
 MAX_ANSWER_CHARS = 300
 _PART = re.compile(r"([a-z]{1,20}) ([0-9]{1,9}(?:\.[0-9]{1,9})?) ?([a-z]{0,5})")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from experiments.cli import app
+from rlscale.experiments.cli import app
 
 HERE = Path(__file__).resolve().parent
 CASES = tomllib.loads((HERE / "cases.toml").read_text())["case"]

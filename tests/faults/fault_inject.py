@@ -38,9 +38,8 @@ def install(point: str, n: int) -> None:
     if point in ("generate", "slow"):
         import torch
 
-        import rl.grpo
-
-        original, multinomial = rl.grpo.sample, torch.multinomial
+        from rlscale.rl import grpo as rl_grpo
+        original, multinomial = rl_grpo.sample, torch.multinomial
         armed = False
 
         def killing_multinomial(*args, **kwargs):
@@ -56,7 +55,7 @@ def install(point: str, n: int) -> None:
                 armed = True  # the next sampled token kills: prefill done, decoding under way
             return original(*args, **kwargs)
 
-        rl.grpo.sample = sample
+        rl_grpo.sample = sample
         torch.multinomial = killing_multinomial
     elif point == "backward":
         import torch
@@ -114,6 +113,6 @@ def install(point: str, n: int) -> None:
 if __name__ == "__main__":
     install(sys.argv[1], int(sys.argv[2]))
     sys.argv = ["rlscale", *sys.argv[3:]]
-    from experiments.cli import main
+    from rlscale.experiments.cli import main
 
     main()

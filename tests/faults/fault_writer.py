@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from tracking.run import TrackedRun, tracking_uri  # noqa: E402
+from rlscale.tracking.run import TrackedRun, tracking_uri  # noqa: E402
 
 
 def main() -> None:

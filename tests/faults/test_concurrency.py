@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tracking.run import tracking_uri
+from rlscale.tracking.run import tracking_uri
 
 WRITER = Path(__file__).with_name("fault_writer.py")
 WORKERS = 4

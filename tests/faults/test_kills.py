@@ -25,9 +25,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from experiments.cli import app
-from rl.checkpoint import latest_checkpoint
-from tracking.run import tracking_uri
+from rlscale.experiments.cli import app
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.tracking.run import tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).with_name("fault_inject.py")

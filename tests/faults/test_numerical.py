@@ -15,12 +15,12 @@ from conftest import Recorder
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-import rl.sft
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from rl.checkpoint import latest_checkpoint
-from rl.tasks.arithmetic import ArithmeticTask
-from tracking.run import tracking_uri
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.rl import sft as rl_sft
+from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.tasks.arithmetic import ArithmeticTask
+from rlscale.tracking.run import tracking_uri
 
 PROMPTS, G = 4, 4
 
@@ -85,7 +85,7 @@ def test_nan_reward_in_rl_fails_the_run_with_step_and_keeps_last_good_checkpoint
 def test_nan_loss_in_sft_fails_the_run_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
                                                                                local_store):
     calls = 0
-    honest = rl.sft.completion_logprobs
+    honest = rl_sft.completion_logprobs
 
     def logprobs(*args, **kwargs):
         nonlocal calls
@@ -93,7 +93,7 @@ def test_nan_loss_in_sft_fails_the_run_with_step_and_keeps_last_good_checkpoint(
         logp, entropy = honest(*args, **kwargs)
         return (logp * math.nan if calls == 3 else logp), entropy  # SFT step 3
 
-    monkeypatch.setattr(rl.sft, "completion_logprobs", logprobs)
+    monkeypatch.setattr(rl_sft, "completion_logprobs", logprobs)
     with pytest.raises(FloatingPointError, match="SFT step 3"):
         run_experiment(_cfg(tmp_path), Recorder())
     _assert_failed_with_checkpoint(tmp_path, "SFT step 3", "sft", 2)

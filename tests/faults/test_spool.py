@@ -15,11 +15,11 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-import tracking.run
-from experiments.cli import app
-from tracking.run import TrackedRun, tracking_uri
-from tracking.runs import reconcile, sync
-from tracking.spool import Spool, pending, read_spool, sync_spool
+from rlscale.experiments.cli import app
+from rlscale.tracking import run as tracking_run
+from rlscale.tracking.run import TrackedRun, tracking_uri
+from rlscale.tracking.runs import reconcile, sync
+from rlscale.tracking.spool import Spool, pending, read_spool, sync_spool
 
 
 class Flaky:
@@ -79,7 +79,7 @@ def test_locked_store_mid_run_backs_off_and_delivers_everything(client, tmp_path
 
 
 def test_too_much_waiting_spills_to_the_spool_and_the_run_drains_it(client, tmp_path, monkeypatch):
-    monkeypatch.setattr(tracking.run, "MAX_BUFFER", 40)
+    monkeypatch.setattr(tracking_run, "MAX_BUFFER", 40)
     flaky = Flaky(client)
     with _run(flaky, tmp_path) as run:
         flaky.down = True

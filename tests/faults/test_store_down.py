@@ -24,12 +24,12 @@ from conftest import Recorder
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-import tracking.run
-from experiments.cli import app
-from experiments.config import load_config
-from experiments.runner import run_experiment
-from tracking.run import StoreError, TrackedRun
-from tracking.spool import pending, read_spool, sync_spool
+from rlscale.experiments.cli import app
+from rlscale.experiments.config import load_config
+from rlscale.experiments.runner import run_experiment
+from rlscale.tracking import run as tracking_run
+from rlscale.tracking.run import StoreError, TrackedRun
+from rlscale.tracking.spool import pending, read_spool, sync_spool
 
 TINY = [
     "name=outage", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=5", "sft.batch_size=8",
@@ -100,7 +100,7 @@ def store(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 2.0)  # the end waits 2 s, then spools
+    monkeypatch.setattr(tracking_run, "STORE_WAIT_SECONDS", 2.0)  # the end waits 2 s, then spools
     yield server
     torch.set_num_threads(threads)
 
@@ -152,7 +152,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 def test_server_down_mid_run_then_back_loses_nothing(store, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="tracking.run")
+    caplog.set_level(logging.WARNING, logger="rlscale.tracking.run")
     outage = Outage(store, down=3, up=8)  # down during SFT, back in RL (SFT is 5 steps; RL steps are 6..11)
     result = run_experiment(_cfg(tmp_path), outage)
     assert "not reachable" in caplog.text and "is back" in caplog.text  # it did fail, and recovered
@@ -165,7 +165,7 @@ def test_server_down_mid_run_then_back_loses_nothing(store, tmp_path, caplog):
 
 
 def test_trackedrun_down_at_the_end_spools_then_syncs(store, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="tracking.run")
+    caplog.set_level(logging.WARNING, logger="rlscale.tracking.run")
     client = MlflowClient(store.url)
     spool_dir = tmp_path / "spool"
     given: dict[str, set[tuple[int, float]]] = {}
@@ -219,7 +219,7 @@ def test_server_down_at_start_fails_before_training(tmp_path, monkeypatch):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(tracking_run, "STORE_WAIT_SECONDS", 0.5)
     recorder = Recorder()
     with pytest.raises(StoreError, match="unreachable"):
         run_experiment(_cfg(tmp_path), recorder)
@@ -236,7 +236,7 @@ def test_cli_store_down_at_start_is_one_error_line_at_once(scheme, tmp_path, mon
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}" if scheme == "http" else f"postgresql://rlscale:hunter2@127.0.0.1:{port}/mlflow"
-    monkeypatch.setattr(tracking.run, "STORE_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(tracking_run, "STORE_WAIT_SECONDS", 0.5)
     args = [a for s in TINY + [f"output_dir={tmp_path / 'out'}"] for a in ("--set", s)]
     (tmp_path / "c.toml").write_text("")
     t0 = time.monotonic()
