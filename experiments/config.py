@@ -145,7 +145,8 @@ def apply_override(data: dict, assignment: str) -> None:
     set_value(data, key, parse_value(text.strip()), f"--set {assignment!r}")
 
 
-def _describe(err: ValidationError, where: str) -> str:
+def describe_error(err: ValidationError, where: str) -> str:
+    """A validation error as one line: `where: key.path: what is wrong`."""
     e = err.errors()[0]
     loc = [str(x) for x in e["loc"]]
     if len(loc) > 1 and loc[0] == "task" and loc[1] in ("arithmetic", "countdown", "dataset", "recipe"):
@@ -209,7 +210,7 @@ def _validate(data: dict, where: str) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, where)) from None
+        raise ConfigError(describe_error(e, where)) from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply") from None
     _check_numbers(cfg.model_dump(), where)

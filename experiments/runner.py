@@ -13,6 +13,7 @@ import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,14 +30,22 @@ log = logging.getLogger(__name__)
 
 
 class Fanout:
-    """Hands every metric to several callbacks."""
+    """Hands every metric to several callbacks. Each sees every step, whatever their order, even when another
+    raises (a pruned trial's reporter): the first exception is raised once all have seen the step, so the tracker
+    records the step that caused it."""
 
     def __init__(self, *callbacks: Callback):
         self.callbacks = callbacks
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        error: BaseException | None = None
         for cb in self.callbacks:
-            cb.on_log(step, metrics)
+            try:
+                cb.on_log(step, metrics)
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
 
 def run_experiment(
@@ -64,7 +73,7 @@ def run_experiment(
     table = load_price_table(cfg.tracking.prices)
     device = pick_device(cfg.model.device)
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    name = device_name(device)
     price_key = device_key(device.type, name, table, cfg.tracking.price_key)  # an unknown GPU stops here
     held = world * (device_share if cuda else cpu_devices())  # what the run is billed for, every second
     commit, _ = git_info()
@@ -84,7 +93,7 @@ def run_experiment(
     resume_id = id_file.read_text().strip() if resume and id_file.is_file() else None
     if resume_id and latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None:
         resume_id = None
-    if resume_id and not _run_exists(client, resume_id):  # the store was switched since: a new run here
+    if resume_id and not run_exists(client, resume_id):  # the store was switched since: a new run here
         log.warning("the checkpoint in %s belongs to run %s, which is not in the store %s: the resumed training is "
                     "recorded as a new run there", cfg.output_dir, resume_id, safe_uri(client.tracking_uri))
         resume_id = None
@@ -125,7 +134,6 @@ def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]
 
     Held out: the problems actually evaluated (question, answer). Training: a dataset task's training rows from its
     file; a generated task's generator (task params and seed: digest and planned size, the draws are not kept)."""
-    import mlflow.data
     import pandas as pd
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -133,22 +141,15 @@ def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]
         return pd.DataFrame({"question": [task.question(p) for p in problems],
                              "answer": [task.answer(p) for p in problems]})
 
-    def entity(df: pd.DataFrame, source, name: str) -> dict:
-        with warnings.catch_warnings():  # a file path "can be interpreted in multiple ways": all of them local
-            warnings.simplefilter("ignore")
-            e = mlflow.data.from_pandas(df, source=source, name=name)._to_mlflow_entity()
-        return {"name": e.name, "digest": e.digest, "source_type": e.source_type, "source": e.source,
-                "schema": e.schema, "profile": e.profile}
-
     params = cfg.task.model_dump(mode="json")
     path = getattr(cfg.task, "path", None)
     eval_path = getattr(cfg.task, "eval_path", None) or path
     eval_source = str(Path(eval_path).resolve()) if path else CodeDatasetSource(
         {"task": cfg.task.name, "params": json.dumps(params, sort_keys=True), "seed": str(cfg.eval.seed)})
-    eval_set = entity(frame(eval_problems), eval_source, f"{cfg.task.name}-eval")
+    eval_set = dataset_fields(frame(eval_problems), f"{cfg.task.name}-eval", eval_source)
     rows = getattr(task, "rows", None)
     if path and rows is not None:
-        train_set = entity(frame(rows("train")), str(Path(path).resolve()), f"{cfg.task.name}-train")
+        train_set = dataset_fields(frame(rows("train")), f"{cfg.task.name}-train", str(Path(path).resolve()))
     else:
         spec = json.dumps({"task": cfg.task.name, "params": params, "seed": cfg.seed}, sort_keys=True)
         planned = cfg.sft.steps * cfg.sft.batch_size + cfg.grpo.steps * cfg.grpo.prompts_per_step
@@ -158,7 +159,39 @@ def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]
     return train_set, eval_set
 
 
-def _run_exists(client, run_id: str) -> bool:
+def dataset_fields(data: Any, name: str, source: Any = None) -> dict:
+    """An MLflow dataset's fields (name, digest, source, schema, profile) for a DataFrame, a Hugging Face Dataset or a
+    list of rows; nested cells (chat messages) are recorded as JSON text."""
+    import mlflow.data
+    import pandas as pd
+
+    df = data if isinstance(data, pd.DataFrame) else data.to_pandas() if hasattr(data, "to_pandas") else (
+        pd.DataFrame(list(data)))
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, list | dict | tuple)).any()]
+    if nested:
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v, default=str)) for c in nested})
+    with warnings.catch_warnings():  # a file path "can be interpreted in multiple ways": all of them local
+        warnings.simplefilter("ignore")
+        e = mlflow.data.from_pandas(df, source=source, name=name)._to_mlflow_entity()
+    return {"name": e.name, "digest": e.digest, "source_type": e.source_type, "source": e.source, "schema": e.schema,
+            "profile": e.profile}
+
+
+def device_name(device: torch.device) -> str:
+    """What a price table and a reader tell devices apart by: the GPU's name, or the CPU's model (not `x86_64`)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model Name", "cpu model", "Processor") and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_exists(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:

@@ -11,8 +11,10 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from rlscale.experiments.config import ExperimentConfig, SearchDim, load_config
 from rlscale.experiments.runner import run_experiment
-from rlscale.tracking.run import experiment_id, open_client, safe_uri
+from rlscale.tracking.run import experiment_id, open_client, safe_uri, wait_for_store
 
 PARENT_ATTR = "mlflow_parent_run_id"
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -95,10 +97,12 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
     seed = sw.sampler_seed + worker
     sampler = optuna.samplers.TPESampler(seed=seed) if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
     pruner = (optuna.pruners.MedianPruner(sw.pruner_startup_trials, sw.pruner_warmup_steps) if sw.pruner == "median"
-              else ScalingPruner(cfg.grpo.steps, sw.pruner_warmup_steps) if sw.pruner == "scaling"
+              else ScalingPruner(cfg.grpo.steps, cfg.grpo.eval_problems, cfg.eval.problems, sw.pruner_warmup_steps,
+                                 sw.pruner_startup_trials) if sw.pruner == "scaling"
               else optuna.pruners.NopPruner())
     path = journal_path(storage)
     if path is None:  # RDB: heartbeats let any worker fail the trials of a dead one
+        wait_for_store(storage, what="sweep storage")
         store: Any = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     else:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -111,27 +115,52 @@ def open_study(cfg: ExperimentConfig, storage: str, name: str, worker: int = 0) 
 class ScalingPruner(optuna.pruners.BasePruner):
     """Prune a trial whose own curve cannot reach the best finished trial by its full budget.
 
-    After `warmup_steps` and at least 3 intermediate evals, the trial's scores are fitted by a line in the step
-    (compute grows in step with the steps of a trial) through its last 4 evals, extrapolated to `total_steps`, and
-    widened by twice the residual spread (at least 0.02). A learning curve flattens, so a line through its recent
-    evals over-states where it ends: the trial is pruned only when even that upper end is below the best completed
-    trial's final value (above it, for a minimised metric)."""
+    Once `startup_trials` trials are complete, after `warmup_steps` RL steps and at least `min_reports` quick evals,
+    the trial's scores are fitted by a line in the step (compute grows in step with the steps of a trial) through
+    its last 4 evals and extrapolated to its own budget (`grpo.steps`, the trial's drawn value where it is searched).
+    The upper end, the larger of that and its last eval, is widened by twice the residual spread (at least 0.02)
+    plus z binomial standard errors of the two evals it compares: this trial's quick eval (`grpo.eval_problems`
+    problems) and the best trial's final eval (`eval.problems`). z is the one-sided normal quantile of `alpha`
+    split over the trial's looks (Bonferroni), so that sampling noise alone prunes a trial flat at the best's level
+    at most `alpha` of the time over all its quick evals. A learning curve flattens, so a line through its recent evals
+    over-states where it ends: the trial is pruned only when even that upper end is below the best completed
+    trial's final value (above it, for a minimised metric). Metrics outside [0, 1] get no binomial term."""
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, min_reports: int = 3):
-        self.total_steps, self.warmup_steps, self.min_reports = total_steps, warmup_steps, min_reports
+    def __init__(self, total_steps: int, quick_problems: int, final_problems: int, warmup_steps: int = 0,
+                 startup_trials: int = 0, min_reports: int = 3, alpha: float = 0.05):
+        self.total_steps, self.quick_problems, self.final_problems = total_steps, quick_problems, final_problems
+        self.warmup_steps, self.startup_trials, self.min_reports, self.alpha = (warmup_steps, startup_trials,
+                                                                                min_reports, alpha)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reports = sorted(trial.intermediate_values.items())
-        done = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        if len(reports) < self.min_reports or not done or reports[-1][0] < self.warmup_steps:
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if (len(reports) < self.min_reports or len(done) < max(1, self.startup_trials)
+                or reports[-1][0] < self.warmup_steps):
             return False
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         sign = 1.0 if maximize else -1.0
+        best = max(done, key=lambda t: sign * t.value)
+        total = int(trial.params.get("grpo.steps", self.total_steps))  # the trial's own budget
         steps, values = (np.array(v, dtype=float) for v in zip(*reports[-4:], strict=True))
         slope, intercept = np.polyfit(steps, sign * values, 1)
         spread = float(np.std(sign * values - (slope * steps + intercept)))
-        best_end = max(sign * values[-1], slope * self.total_steps + intercept) + max(0.02, 2 * spread)
-        return best_end < sign * (max(done) if maximize else min(done))
+        looks = max(1, round(len(reports) * total / max(1, reports[-1][0])) - self.min_reports + 1)
+        z = NormalDist().inv_cdf(1 - self.alpha / looks)
+        noise = np.hypot(_binomial_se(float(np.mean(values)), int(trial.params.get("grpo.eval_problems",
+                                                                                    self.quick_problems))),
+                         _binomial_se(best.value, int(best.params.get("eval.problems", self.final_problems))))
+        upper = max(sign * values[-1], slope * total + intercept) + max(0.02, 2 * spread) + z * noise
+        return bool(upper < sign * best.value)
+
+
+def _binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy `p` measured on `n` problems (kept off 0 and 1 by a pseudo-count: 0 of 50
+    right does not mean no noise); 0 for a metric outside [0, 1]."""
+    if not 0.0 <= p <= 1.0:
+        return 0.0
+    p = min(max(p, 1 / (n + 2)), 1 - 1 / (n + 2))
+    return float(np.sqrt(p * (1 - p) / n))
 
 
 def suggest(trial: optuna.Trial, key: str, dim: SearchDim) -> Any:
@@ -161,15 +190,17 @@ class Reporter:
 
 def gpu_slots(workers: int, gpus: int) -> list[tuple[int | None, float]]:
     """(GPU index, share of it billed) for each of `workers` processes over `gpus` visible GPUs: round-robin, one
-    GPU each where there are enough; k workers on one GPU are billed 1/k each. (None, 1.0) without GPUs."""
+    GPU each where there are enough; k workers on one GPU are billed 1/k each. Without GPUs they share the CPUs:
+    (None, 1/workers) each."""
     if gpus == 0:
-        return [(None, 1.0)] * workers
+        return [(None, 1.0 / workers) for _ in range(workers)]
     return [(i % gpus, 1.0 / len(range(i % gpus, workers, gpus))) for i in range(workers)]
 
 
-def objective(spec: SweepSpec, parent_id: str, progress_factory=None, gpu: int | None = None, share: float = 1.0):
-    """The objective of the study: one tracked training run per trial (on GPU `gpu`, billed for `share` of it),
-    returning its final metric."""
+def objective(spec: SweepSpec, parent_id: str, progress_factory=None, gpu: int | None = None,
+              share: float | Callable[[], float] = 1.0):
+    """The objective of the study: one tracked training run per trial (on GPU `gpu`, billed for `share` of its
+    device, or `share()` read at each trial's start), returning its final metric."""
 
     def run_trial(trial: optuna.Trial) -> float:
         # trial numbers come from the shared storage: past the budget, this one is surplus of a concurrent start
@@ -189,10 +220,11 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None, gpu: int |
         tags = {"mlflow.parentRunId": parent_id, "optuna.study": spec.study, "optuna.trial": str(trial.number)}
         params = {"trial.number": str(trial.number)} | {f"trial.{k}": str(v) for k, v in values.items()}
         progress = progress_factory(cfg) if progress_factory else None
+        part = share() if callable(share) else share
         try:
             result = run_experiment(cfg, Reporter(trial, base.sweep.metric, progress), resume=False, tags=tags,
                                     params=params, pruned_on=(optuna.TrialPruned,),
-                                    run_name=f"trial-{trial.number}", device_share=share)
+                                    run_name=f"trial-{trial.number}", device_share=part)
         finally:
             if progress is not None:
                 progress.close()
@@ -204,19 +236,33 @@ def objective(spec: SweepSpec, parent_id: str, progress_factory=None, gpu: int |
 
 
 def _worker(spec: SweepSpec, parent_id: str, n_trials: int, worker: int, threads: int, gpu: int | None,
-            share: float) -> None:
+            live: Any, device: int) -> None:
+    """One sweep process: its trials on GPU `gpu` (None: the config's device), sharing device number `device` with
+    the `live[device]` workers still running there."""
     torch.set_num_threads(threads)  # the workers share the machine's cores instead of each taking all of them
     cfg = load_config(spec.config, spec.overrides)
     study = open_study(cfg, spec.storage, spec.study, worker)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective(spec, parent_id, gpu=gpu, share=share), n_trials=n_trials, catch=(Exception,))
+
+    def share() -> float:
+        """This worker's part of its device as a trial starts: 1/k while k workers are left on it (a worker whose
+        siblings have finished holds all of it). A CPU run reads it from RLSCALE_CPU_SHARE (`cpu_devices`)."""
+        part = 1.0 / max(1, live[device])
+        os.environ["RLSCALE_CPU_SHARE"] = repr(part)
+        return part
+
+    try:
+        study.optimize(objective(spec, parent_id, gpu=gpu, share=share), n_trials=n_trials, catch=(Exception,))
+    finally:
+        with live.get_lock():
+            live[device] -= 1
 
 
 def worker_slots(device: str, workers: int) -> list[tuple[int | None, float]]:
-    """Where each sweep worker trains and the share of its GPU it is billed: spread over the visible GPUs for
-    'auto'/'cuda', all on the one GPU of 'cuda:N' (1/workers each), no GPU on a CPU."""
+    """Where each sweep worker trains and the share of its device it is billed: spread over the visible GPUs for
+    'auto'/'cuda', all on the one GPU of 'cuda:N' (1/workers each), the CPUs on a CPU (1/workers of them each)."""
     if device.startswith("cuda:"):
-        return [(None, 1.0 / workers)] * workers
+        return [(None, 1.0 / workers) for _ in range(workers)]
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
     return gpu_slots(workers, gpus)
 
@@ -295,8 +341,10 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
             threads = max(1, torch.get_num_threads() // workers)
             active = [(i, n) for i, n in enumerate(shares) if n]
             slots = worker_slots(cfg.model.device, len(active))
-            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i, threads, *slot), daemon=True)
-                     for (i, n), slot in zip(active, slots)]
+            devices = [gpu or 0 for gpu, _ in slots]  # the workers on each device (one: the CPU or GPU of cuda:N)
+            live = ctx.Array("i", [devices.count(d) for d in range(max(devices, default=0) + 1)])
+            procs = [ctx.Process(target=_worker, args=(spec, parent_id, n, i, threads, gpu, live, d), daemon=True)
+                     for (i, n), (gpu, _), d in zip(active, slots, devices)]
             for p in procs:
                 p.start()
             while any(p.is_alive() for p in procs):

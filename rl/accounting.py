@@ -113,13 +113,46 @@ class FlopModel:
         return self.sequences(prompts, P, train, logits_per_row=1) + self.forward(rows * (T - 1), keys, train=train)
 
 
-def cpu_devices(threads: int | None = None) -> int:
-    """vCPUs a CPU run holds: its torch threads (one per physical core by default) times the hardware threads of a
-    core (SMT siblings sit idle but are rented too), at most the CPUs this process may use. The unit clouds bill."""
+def cpu_devices(threads: int | None = None, share: float | None = None, cgroup: str = "/sys/fs/cgroup") -> float:
+    """vCPUs a CPU run holds, the unit clouds bill, at most the CPUs it may use: its affinity mask and its
+    container's CPU limit (quota / period of cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, in its own cgroup and
+    those above it, under the `cgroup` mount). Alone, a run holds its torch threads (one per physical core by
+    default) times the hardware threads of a core (SMT siblings sit idle but are rented too); one of k sweep workers
+    holds `share` of the usable CPUs (default: the environment's RLSCALE_CPU_SHARE, which a sweep worker sets)."""
+
+    def limit(folder: str) -> float:
+        """The CPU limit of one cgroup folder in CPUs (v2 `cpu.max` "<quota|max> <period>", v1 quota -1 when
+        unlimited), inf without one."""
+
+        def read(name: str) -> str:
+            with open(os.path.join(folder, name)) as f:
+                return f.read().strip()
+
+        try:
+            v2 = os.path.isfile(os.path.join(folder, "cpu.max"))
+            quota, period = read("cpu.max").split()[:2] if v2 else (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
+            return float("inf") if quota in ("max", "-1") else int(quota) / int(period)
+        except (OSError, ValueError):
+            return float("inf")
+
     threads = threads or torch.get_num_threads()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else psutil.cpu_count() or 1
+    usable = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else psutil.cpu_count() or 1)
+    try:
+        with open("/proc/self/cgroup") as f:  # "0::/path" (v2), "4:cpu,cpuacct:/path" (v1)
+            own = {c: path.strip() for _, cs, path in (line.split(":", 2) for line in f) for c in cs.split(",")}
+    except (OSError, ValueError):
+        own = {}
+    for sub, key in (("", ""), ("cpu", "cpu"), ("cpu,cpuacct", "cpu")):  # the v2 mount, v1's cpu controller
+        mount = os.path.normpath(os.path.join(cgroup, sub))
+        folder = os.path.normpath(os.path.join(mount, own.get(key, "/").lstrip("/")))
+        while folder == mount or folder.startswith(mount + os.sep):  # a container sees its own cgroup as the root
+            usable = min(usable, limit(folder))
+            folder = os.path.dirname(folder)
+    share = share if share is not None else float(os.environ.get("RLSCALE_CPU_SHARE") or 0) or None
+    if share:
+        return usable * share
     smt = max(1, (psutil.cpu_count() or 1) // (psutil.cpu_count(logical=False) or psutil.cpu_count() or 1))
-    return max(1, min(usable, threads * smt))
+    return min(usable, threads * smt)
 
 
 def merged(states: list[dict]) -> dict:

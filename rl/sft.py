@@ -57,14 +57,18 @@ def train_sft(
     """Minimise -log p(completion | prompt) on fresh generated examples each step; resumes from `ckpt_dir`.
 
     With `cfg.target_accuracy`, `accuracy()` is checked every `cfg.check_every` steps and SFT stops once it
-    reaches the target (RL starts from a model that still has room). Returns the number of steps run."""
+    reaches the target (RL starts from a model that still has room). When checkpoints are kept, the last step's
+    is marked finished: a resume from it trains no further step. Returns the number of steps run."""
     device = next(model.parameters()).device
     trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
     optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator().manual_seed(seed)
     state = load_checkpoint(ckpt_dir, "sft", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
+    if state and state.get("finished"):  # SFT ended before the run was interrupted: never trained again
+        return state["step"]
     start = state["step"] if state else 0
+    keep = ckpt_dir is not None and (cfg.checkpoint_every > 0 or state is not None)  # checkpoints are kept
     if cfg.batch_size % distributed.world():
         raise ValueError(f"sft.batch_size {cfg.batch_size} is not divisible by {distributed.world()} ranks")
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed.world() > 1 else model
@@ -95,11 +99,15 @@ def train_sft(
                     tokens_trained=int(cmask.sum()))
         metrics = {"sft/loss": loss.item(), "sft/grad_norm": float(grad_norm), "sft/lr": scheduler.get_last_lr()[0]}
         callback.on_log(step + 1, metrics | meter.metrics())
-        if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
-        stop_if_requested(ckpt_dir, "sft", step + 1, model, optimizer, scheduler, generator, meter)
+        reached = False
         if cfg.target_accuracy and accuracy and (step + 1) % cfg.check_every == 0:
-            if distributed.from_rank0(accuracy() if distributed.rank() == 0 else None) >= cfg.target_accuracy:
-                return step + 1
+            reached = distributed.from_rank0(accuracy() if distributed.rank() == 0 else None) >= cfg.target_accuracy
             model.train()
+        done = reached or step + 1 == cfg.steps
+        resumable = (model, optimizer, scheduler, generator, meter)
+        if keep and (done or cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            save_checkpoint(ckpt_dir, "sft", step + 1, *resumable, finished=done)
+        stop_if_requested(ckpt_dir, "sft", step + 1, *resumable, finished=done)
+        if done:
+            return step + 1
     return cfg.steps

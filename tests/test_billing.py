@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -126,7 +127,8 @@ def test_sweep_workers_spread_over_gpus_and_share_the_bill(monkeypatch):
     assert sweep.gpu_slots(4, 1) == [(0, 0.25)] * 4
     assert sweep.gpu_slots(2, 2) == [(0, 1.0), (1, 1.0)]
     assert sweep.gpu_slots(3, 2) == [(0, 0.5), (1, 1.0), (0, 0.5)]
-    assert sweep.gpu_slots(2, 0) == [(None, 1.0)] * 2
+    assert sweep.gpu_slots(2, 0) == [(None, 0.5)] * 2  # no GPU: the workers share the CPUs
+    assert sweep.gpu_slots(0, 0) == [] and sweep.worker_slots("cuda:1", 0) == []  # a resumed, full study
     for workers, gpus in ((4, 1), (3, 2), (5, 3), (8, 8)):
         billed = sum(s for _, s in sweep.gpu_slots(workers, gpus))  # the rent of the GPUs in use, never K times
         assert billed == pytest.approx(min(workers, gpus))
@@ -134,7 +136,26 @@ def test_sweep_workers_spread_over_gpus_and_share_the_bill(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert sweep.worker_slots("auto", 3) == [(0, 0.5), (1, 1.0), (0, 0.5)]
-    assert sweep.worker_slots("cpu", 2) == [(None, 1.0)] * 2
+    assert sweep.worker_slots("cpu", 2) == [(None, 0.5)] * 2
+
+
+def test_a_worker_whose_siblings_finished_holds_the_whole_device(tmp_path, monkeypatch):
+    """Each trial is billed 1/k of its device for the k workers left on it when it starts: after its sibling's
+    last trial, the survivor is billed all of the GPU (or CPUs)."""
+    seen = []
+    live = multiprocessing.get_context("spawn").Array("i", [2])  # two workers on one device
+
+    def fake_run(cfg, progress, **kw):
+        seen.append((kw["device_share"], float(os.environ["RLSCALE_CPU_SHARE"])))
+        live[0] = 1  # the sibling finishes its last trial meanwhile
+        return types.SimpleNamespace(metrics={"eval/accuracy": 0.5})
+
+    monkeypatch.setattr(sweep, "run_experiment", fake_run)
+    monkeypatch.setenv("RLSCALE_CPU_SHARE", "1")  # restored after the test
+    (tmp_path / "s.toml").write_text('name = "s"\n[sweep.space."grpo.learning_rate"]\nlow = 1e-4\nhigh = 1e-3\n')
+    spec = sweep.SweepSpec(str(tmp_path / "s.toml"), [], str(tmp_path / "j.log"), "s", 2)
+    sweep._worker(spec, "parent", 2, 0, torch.get_num_threads(), None, live, 0)
+    assert seen == [(0.5, 0.5), (1.0, 1.0)] and live[0] == 0  # this worker has left the device too
 
 
 def test_sweep_trial_runs_on_its_gpu_billed_for_its_share(tmp_path, monkeypatch):
@@ -225,18 +246,95 @@ def test_cpu_run_records_no_energy():
 
 
 # 5. a CPU is billed per vCPU it holds: torch threads run one per core, the core's SMT siblings are rented too
-def test_cpu_devices_count_vcpus(monkeypatch):
+def test_cpu_devices_count_vcpus(tmp_path, monkeypatch):
     def counts(logical=True):
         return 16 if logical else 8
 
+    monkeypatch.delenv("RLSCALE_CPU_SHARE", raising=False)
     monkeypatch.setattr(accounting.psutil, "cpu_count", counts)
     monkeypatch.setattr(accounting.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
-    assert cpu_devices(8) == 16 and cpu_devices(2) == 4 and cpu_devices(12) == 16
+    no_limit = str(tmp_path)  # a cgroup mount without CPU limits
+    assert cpu_devices(8, cgroup=no_limit) == 16 and cpu_devices(2, cgroup=no_limit) == 4
+    assert cpu_devices(12, cgroup=no_limit) == 16
     monkeypatch.setattr(accounting.os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)
-    assert cpu_devices(8) == 3  # a container limited to 3 CPUs holds 3
+    assert cpu_devices(8, cgroup=no_limit) == 3  # a container limited to 3 CPUs holds 3
     monkeypatch.setattr(accounting.psutil, "cpu_count", lambda logical=True: 4)
     monkeypatch.setattr(accounting.os, "sched_getaffinity", lambda _pid: set(range(4)), raising=False)
-    assert cpu_devices(4) == 4  # no SMT: one vCPU per thread
+    assert cpu_devices(4, cgroup=no_limit) == 4  # no SMT: one vCPU per thread
+
+
+def test_cpu_devices_honour_container_cpu_limits_and_sweep_shares(tmp_path, monkeypatch):
+    """A pod limited to 4 CPUs on a 96-vCPU node is billed 4 (cgroup v2 cpu.max, v1 cfs quota), and one of k sweep
+    workers its 1/k of the usable CPUs, never k x its threads."""
+    monkeypatch.delenv("RLSCALE_CPU_SHARE", raising=False)
+    monkeypatch.setattr(accounting.psutil, "cpu_count", lambda logical=True: 96 if logical else 48)
+    monkeypatch.setattr(accounting.os, "sched_getaffinity", lambda _pid: set(range(96)), raising=False)
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    assert cpu_devices(48, cgroup=str(v2)) == 96  # the node's vCPUs, no limit
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert cpu_devices(48, cgroup=str(v2)) == 4 and cpu_devices(1, cgroup=str(v2)) == 2
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_devices(48, cgroup=str(v2)) == 96
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_devices(48, cgroup=str(v1)) == 2.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_devices(48, cgroup=str(v1)) == 96
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    assert cpu_devices(1, share=1 / 3, cgroup=str(v2)) == pytest.approx(2 / 3)  # 3 workers on 2 CPUs
+    monkeypatch.setenv("RLSCALE_CPU_SHARE", "0.25")  # set by a sweep worker for the pipeline's meter
+    assert cpu_devices(cgroup=str(v2)) == 0.5
+
+
+def test_cpu_sweep_bills_no_more_vcpus_than_exist(tmp_path, monkeypatch):
+    """Three sweep workers on this machine's CPUs are billed its usable vCPUs between them, not one vCPU each."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RLSCALE_CPU_SHARE", raising=False)
+    (tmp_path / "s.toml").write_text(f"""
+name = "cpu-sweep"
+output_dir = "{tmp_path.as_posix()}/out"
+[model]
+size = "nano"
+device = "cpu"
+[task]
+digits = 1
+eval_percent = 30
+[sft]
+steps = 2
+[grpo]
+steps = 2
+prompts_per_step = 2
+num_generations = 2
+max_new_tokens = 3
+self_verify = false
+[eval]
+problems = 4
+samples = 1
+max_new_tokens = 3
+[tracking]
+root = "{tmp_path.as_posix()}/mlruns"
+[sweep]
+trials = 3
+pruner = "none"
+[sweep.space."grpo.learning_rate"]
+low = 1e-4
+high = 1e-3
+""")
+    started = time.time()
+    sweep.run_sweep(str(tmp_path / "s.toml"), [], workers=3)
+    wall = time.time() - started
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("cpu-sweep").experiment_id])
+            if r.data.tags.get("phase") == "sweep-trial"]
+    usable = cpu_devices(share=1.0)
+    runs.sort(key=lambda r: r.info.start_time)
+    billed = [(r.info.start_time, r.info.end_time, float(r.data.tags["device.count"])) for r in runs]
+    assert len(runs) == 3 and billed[0][2] == pytest.approx(usable / 3, rel=1e-3)  # 1/3 each while all 3 run
+    for start, _, _ in billed:  # 1/k of the k workers left as a trial starts: never more than the CPUs in all
+        assert sum(n for s, e, n in billed if s <= start < e) <= usable * (1 + 1e-3), billed
+    assert sum(r.data.metrics["compute/device_seconds"] for r in runs) <= usable * wall
 
 
 # 6. every tracking.* key the price table's comments mention is a real config field

@@ -336,3 +336,49 @@ def test_missing_file_names_the_directory(tmp_path, monkeypatch):
         task("nope.jsonl")
     write(tmp_path / "here.jsonl", ROWS)
     assert len(every(task("here.jsonl"))) == 3  # a relative path is taken from the current directory
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A file that `stat` says is `size` bytes long, taking no disk (truncate leaves a hole)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """Fail the test if a data file is opened or handed to pandas: a file over the limit must not be read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"read: {args[:1]}")
+
+    for name in ("read_json", "read_csv", "read_parquet"):
+        monkeypatch.setattr(pd, name, refuse)
+    monkeypatch.setattr(Path, "open", refuse)
+
+
+@pytest.mark.parametrize("kw,size,shown", [
+    ({}, 1_001 * 10**6, "1001 MB, over task.max_file_mb = 1000"),  # the default limit
+    ({"max_file_mb": 0.5}, 10**6, "1 MB, over task.max_file_mb = 0.5"),
+])
+def test_a_file_over_max_file_mb_is_refused_before_it_is_read(tmp_path, no_reads, kw, size, shown):
+    huge = sparse(tmp_path / "huge.jsonl", size)
+    with pytest.raises(ValueError) as e:
+        task(huge, **kw)
+    assert str(e.value) == f"task dataset: {huge}: {shown}; raise task.max_file_mb to read it", str(e.value)
+
+
+def test_an_eval_file_over_max_file_mb_is_refused(tmp_path):
+    train = write(tmp_path / "train.jsonl", ROWS)
+    huge = sparse(tmp_path / "eval.csv", 3 * 10**6)
+    with pytest.raises(ValueError, match=r"eval\.csv: 3 MB, over task\.max_file_mb = 2; raise"):
+        task(train, eval_path=str(huge), max_file_mb=2)
+    assert len(every(task(train, max_file_mb=0.001))) == 3  # a file under the limit (here ~200 bytes) is read
+
+
+def test_max_file_mb_is_validated(tmp_path):
+    from pydantic import ValidationError
+
+    for value, message in ((0, "greater than 0"), (-1, "greater than 0"), (float("inf"), "finite number")):
+        with pytest.raises(ValidationError, match=rf"max_file_mb\n  Input should be (a )?{message}"):
+            DatasetParams(max_file_mb=value)
+    assert DatasetParams().max_file_mb == 1000 and DatasetParams(max_file_mb=0.5).max_file_mb == 0.5

@@ -35,7 +35,7 @@ def test_torchrun_two_ranks_sum_compute_and_log_once(tmp_path, monkeypatch):
     args = [a for s in sets for a in ("--set", s)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     (tmp_path / "ddp.toml").write_text('name = "ddp"\n')
-    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "train", "ddp.toml", "--nproc", "2",
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "train", "ddp.toml", "--nproc", "2",
            "--set", f"output_dir={tmp_path / 'ddp'}", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -203,7 +203,7 @@ def test_ui_answers_on_health(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "ui", "--port", str(port), "--uri", uri]
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "ui", "--port", str(port), "--uri", uri]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()

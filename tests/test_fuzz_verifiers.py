@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 import rlscale.experiments.cli as cli
 from rlscale.rl.self_verify import corrupt, parse_verdict, split_trace, verdict_reward
 from rlscale.rl.tasks import ArithmeticParams, CountdownParams, RecipeParams, make_task
-from rlscale.tracking.run import experiment_id, flatten, masked, tracking_uri
+from rlscale.tracking.run import experiment_id, flatten, masked, safe_uri, tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["rl", "tracking", "experiments", "analysis"]
@@ -225,6 +225,47 @@ def test_secret_looking_values_are_masked_in_params_and_config_artifact():
     safe = masked(config)
     assert "hunter2" not in str(safe) and "s3cr3t" not in str(safe) and safe["n"] == 3
     assert safe["tracking"]["uri"].endswith(":***@127.0.0.1:5432/mlflow")
+
+
+SECRET_QUERY_NAMES = ["password", "PassWord", "passwd", "pwd", "pass", "sslpassword", "token", "access_token",
+                      "refresh_token", "X-Amz-Security-Token", "secret", "client_secret", "key", "api_key", "apiKey",
+                      "AccountKey", "sig", "X-Amz-Signature", "X-Amz-Credential", "pass%77ord", "api%5Fkey"]
+
+
+@pytest.mark.parametrize("name", SECRET_QUERY_NAMES)
+def test_password_like_query_parameters_are_masked(name):
+    url = f"postgresql://alice@db:5432/mlflow?sslmode=require&{name}=s3cret&connect_timeout=5"
+    assert safe_uri(url) == f"postgresql://alice@db:5432/mlflow?sslmode=require&{name}=***&connect_timeout=5"
+    first = f"https://host/api?{name}=s3cret%2Fx"
+    assert safe_uri(f"cannot open {first} (refused)") == f"cannot open https://host/api?{name}=*** (refused)"
+    both = safe_uri(f"mysql://u:pw@db/x?{name}=s3cret&{name}=again")
+    assert "s3cret" not in both and "again" not in both and ":pw@" not in both
+
+
+def test_plain_query_parameters_and_config_keys_stay_readable():
+    url = "postgresql://alice@db/mlflow?sslmode=require&connect_timeout=5&application_name=rl&keepalives=1&password="
+    assert safe_uri(url) == url  # nothing secret (an empty password hides nothing)
+    config = {"grpo": {"max_new_tokens": 64, "verify_max_new_tokens": 12}, "model": {"tokenizer": "gpt2"},
+              "tracking": {"api_token": "t0k", "sslKey": "/k.pem"}}
+    assert flatten(config) == {"grpo.max_new_tokens": "64", "grpo.verify_max_new_tokens": "12",
+                               "model.tokenizer": "gpt2", "tracking.api_token": "***", "tracking.sslKey": "***"}
+    assert masked(config)["grpo"] == {"max_new_tokens": 64, "verify_max_new_tokens": 12}
+
+
+def test_a_password_in_a_query_string_reaches_no_param_config_or_tag(tmp_path, monkeypatch):
+    import optuna
+
+    from rlscale.experiments.config import load_config
+    from rlscale.experiments.sweep import parent_run
+
+    url = "postgresql://alice@db/mlflow?password=s3cret"
+    cfg = load_config(None, [f"tracking.uri={url}", f"tracking.root={tmp_path / 'mlruns'}", "sweep.trials=1"])
+    assert flatten(cfg.model_dump(mode="json"))["tracking.uri"] == "postgresql://alice@db/mlflow?password=***"
+    assert masked(cfg.model_dump(mode="json"))["tracking"]["uri"] == "postgresql://alice@db/mlflow?password=***"
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    monkeypatch.setattr("rlscale.experiments.sweep.time.sleep", lambda s: None)
+    run_id = parent_run(client, cfg, optuna.create_study(), "postgresql://bob@db/optuna?sslmode=require&token=s3cret")
+    assert client.get_run(run_id).data.tags["optuna.storage"] == "postgresql://bob@db/optuna?sslmode=require&token=***"
 
 
 def test_ui_binds_to_localhost_by_default(tmp_path, monkeypatch):

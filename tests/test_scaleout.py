@@ -185,7 +185,7 @@ def test_sweep_workers_share_a_postgres_study(postgres, server, tmp_path, monkey
 def test_two_separate_sweep_commands_share_one_study(postgres, server, tmp_path):
     """Two `rlscale sweep` processes started at once (as on two machines) on the same study and store."""
     config, storage = _write(tmp_path, "pg-cli", SWEEP), postgres.url("optuna")
-    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "sweep", config, "--trials", "4",
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "sweep", config, "--trials", "4",
            "--storage", storage, "--study", "pg-cli"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
     # the experiment does not exist yet: both commands race to create it (tracking.run.experiment_id), and both

@@ -58,7 +58,7 @@ def ui(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = tracking_uri(None, root)
-    cmd = [sys.executable, "-c", "from rlscale.experiments.cli import main; main()", "ui", "--port", str(port), "--uri", store]
+    cmd = [sys.executable, "-m", "rlscale.experiments.cli", "ui", "--port", str(port), "--uri", store]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
@@ -27,9 +28,16 @@ except ImportError:  # not on POSIX
     fcntl = None  # type: ignore[assignment]
 
 DEFAULT_ROOT = Path("mlruns")
-SECRET_WORDS = ("token", "password", "secret", "key")
+# A name (config key, URL query parameter) is secret when one of its words (split at '_', '-', '.' and camelCase)
+# ends in one of these: db_password, sslpassword, api_key, apiKey, access_token, X-Amz-Signature; not max_new_tokens
+SECRET_WORDS = ("password", "passwd", "passphrase", "pass", "pwd", "token", "secret", "key", "credential",
+                "credentials", "signature", "sig")
+_SECRET_WORD = re.compile(f"(?:{'|'.join(SECRET_WORDS)})$")
+_WORD_BREAK = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 # scheme://user:PASSWORD@host, the password as SQLAlchemy and urllib read it: anything up to the '@' ('/' included)
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@\s]+@")
+_QUERY_NAME = re.compile(r"[?&](?P<name>[^=&?\s]+)=")  # `?name=` or `&name=` of a query string
+_QUERY_VALUE_END = re.compile(r"[&\s]|$")  # a value runs to the next '&', as SQLAlchemy and urllib read it
 STORE_WAIT_SECONDS = 30.0  # how long a run's end (or its creation) waits for an unreachable store
 MAX_BACKOFF_SECONDS = 60.0  # longest pause between two tries to deliver metrics while the store is down
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Training runs" view
@@ -123,38 +131,51 @@ def tracking_uri(uri: str | None = None, root: Path = DEFAULT_ROOT) -> str:
     return uri
 
 
-def probe_database(uri: str, timeout: int = 5) -> None:
+def probe_database(uri: str, timeout: int = 5, what: str = "tracking store") -> None:
     """Connect once to a database store (PostgreSQL, MySQL, MSSQL) or an MLflow server and raise the connection
-    error if it does not answer: MLflow itself retries an unreachable store for minutes before it gives up."""
+    error if it does not answer: MLflow itself retries an unreachable store for minutes before it gives up. A URL
+    the driver cannot use (an option it rejects, such as `?token=` on PostgreSQL; an unknown or missing driver) is
+    a StoreError of one line naming `what`, at once."""
     import sqlalchemy
 
     dialect = uri.split(":", 1)[0].split("+", 1)[0]
-    if dialect in ("http", "https"):  # an MLflow server: does anything answer (any status: it may want a login)
-        import requests
-
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        return
-    if dialect not in ("postgresql", "mysql", "mssql"):
-        return
-    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout} if dialect != "mssql" else {})
     try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
+        if dialect in ("http", "https"):  # an MLflow server: does anything answer (any status: it may want a login)
+            import requests
+
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            return
+        if dialect not in ("postgresql", "mysql", "mssql"):
+            return
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout} if dialect != "mssql" else {})
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as e:
+        if is_transient(e):  # no answer (yet): the caller may try again
+            raise
+        raise StoreError(f"{what} {safe_uri(uri)} cannot be used: {_first_line(e)}") from e
+
+
+def wait_for_store(uri: str, wait: float | None = None, what: str = "tracking store") -> None:
+    """`probe_database`, tried again while the store does not answer, for up to `wait` seconds (default
+    STORE_WAIT_SECONDS); a StoreError of one line naming `what` when it never answers or refuses the URL."""
+    wait = STORE_WAIT_SECONDS if wait is None else wait
+    try:
+        retry(probe_database, uri, what=what, wait=wait)
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"{what} {safe_uri(uri)} unreachable (waited {wait:g} s): {_first_line(e)}") from e
 
 
 def open_client(uri: str | None = None, root: Path = DEFAULT_ROOT, wait: float | None = None) -> MlflowClient:
     """A client of the store `tracking_uri(uri, root)`; a database store that does not answer within `wait` seconds
-    (default STORE_WAIT_SECONDS) is a StoreError, before anything starts."""
+    (default STORE_WAIT_SECONDS), or whose URL its driver refuses, is a StoreError, before anything starts."""
     uri = tracking_uri(uri, root)
-    wait = STORE_WAIT_SECONDS if wait is None else wait
-    try:
-        retry(probe_database, uri, wait=wait)
-    except Exception as e:
-        if not is_transient(e):
-            raise
-        raise StoreError(f"tracking store {safe_uri(uri)} unreachable (waited {wait:g} s): {_first_line(e)}") from e
+    wait_for_store(uri, wait)
     return MlflowClient(uri)
 
 
@@ -181,13 +202,30 @@ def experiment_id(client: MlflowClient, name: str, root: Path = DEFAULT_ROOT) ->
 
 
 def safe_uri(text: str) -> str:
-    """`text` with the password of any URL in it masked: the one function every output (error lines, logs, tags,
+    """`text` with the secrets of any URL in it masked: the password (`user:***@host`) and the value of every
+    password-like query parameter (`?password=***`, `&api_key=***`; see `is_secret_name`), which runs to the next
+    '&' or space (so a message puts a space after a URL). The one function every output (error lines, logs, tags,
     params, config.json, the terminal) passes text through."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    out, done = [], 0
+    for m in _QUERY_NAME.finditer(text):
+        if m.start() < done or not is_secret_name(m["name"]):
+            continue
+        end = _QUERY_VALUE_END.search(text, m.end()).start()
+        if end > m.end():  # an empty value hides nothing
+            out += [text[done:m.end()], "***"]
+            done = end
+    return "".join(out) + text[done:]
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a config key or URL query parameter (%-escapes decoded) names a secret (see SECRET_WORDS)."""
+    words = _WORD_BREAK.split(unquote_plus(str(name)))
+    return any(_SECRET_WORD.search(w.lower().rstrip("0123456789")) for w in words)
 
 
 def _is_secret(key: str, value: Any) -> bool:
-    return any(w in str(key).lower() for w in SECRET_WORDS) and value not in (None, "")
+    return is_secret_name(key) and value not in (None, "")
 
 
 def masked(data: Any) -> Any:
@@ -241,14 +279,15 @@ class TrackedRun:
     takes them. At the end it is waited for up to `store_wait_seconds`; what it still has not taken (metrics,
     tags, small artifacts, the final status) is appended to the run's spool file in `spool_dir` (default
     `<root>/spool/`) for `tracking.spool.sync_spool` (`rlscale runs sync`). A store that cannot be reached when
-    the run is created is a `StoreError`, before anything is trained."""
+    the run is created is a `StoreError`, before anything is trained. With `joined`, `resume_run_id` is a RUNNING run
+    that another party opened (a user's `mlflow.start_run()` around a trainer): it is written to, not reopened."""
 
     def __init__(self, client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str],
                  params: dict[str, str], device: str, prices: dict[str, float] | None = None,
                  flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None,
                  devices: float = 0.0, system_metrics: bool = False,
                  pruned_on: tuple[type[BaseException], ...] = (), spool_dir: Path | None = None,
-                 store_wait_seconds: float | None = None):
+                 store_wait_seconds: float | None = None, joined: bool = False):
         self.client = client
         self.device = device
         self.pruned_on = pruned_on  # exceptions that mean "stopped early on purpose": KILLED, tagged pruned
@@ -261,14 +300,15 @@ class TrackedRun:
                     "git.dirty": dirty, "python": platform.python_version(), "device.price_key": device} | tags
         self.run_id = resume_run_id or ""
         try:
-            if resume_run_id:  # a resumed training continues its own run: cumulative metrics carry on
+            if resume_run_id and not joined:  # a resumed training continues its own run: cumulative metrics carry on
                 retry(client.update_run, resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING),
                       wait=self.store_wait)
                 retry(client.set_tag, resume_run_id, "resumed", "true", wait=self.store_wait)
-            else:
-                exp_id = retry(experiment_id, client, experiment, root, wait=self.store_wait)
-                run = retry(client.create_run, exp_id, tags=all_tags, run_name=run_name, wait=self.store_wait)
-                self.run_id = run.info.run_id
+            else:  # a new run, or one someone else opened (around a TRL trainer): written to as it is
+                if not resume_run_id:
+                    exp_id = retry(experiment_id, client, experiment, root, wait=self.store_wait)
+                    run = retry(client.create_run, exp_id, tags=all_tags, run_name=run_name, wait=self.store_wait)
+                    self.run_id = run.info.run_id
                 items = list(params.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                     retry(client.log_batch, self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]],

@@ -22,9 +22,11 @@ can simply be run again.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ except ImportError:  # not on POSIX: no cross-process lock (one writer per spool
     fcntl = None  # type: ignore[assignment]
 
 SUFFIX = ".jsonl"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def default_spool_dir(root: str | Path) -> Path:
@@ -51,9 +54,14 @@ def _locked(path: Path) -> Iterator[int]:
     """An fd of `path` (created when missing) opened for appending, under an exclusive lock.
 
     The lock is taken on the file itself; after locking, the path is checked to still name the same file (a
-    sync may have delivered and removed it meanwhile), else it is opened again."""
+    sync may have delivered and removed it meanwhile), else it is opened again. A symbolic link is refused."""
     while True:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link(path, "nothing was written through it") from None
+            raise
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -66,6 +74,10 @@ def _locked(path: Path) -> Iterator[int]:
                 return
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _link(path: Path, outcome: str = "nothing of this spool file was delivered") -> ValueError:
+    return ValueError(f"{path} is a symbolic link: refused ({outcome})")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,6 +129,8 @@ class Spool:
         if "local_dir" not in record or not Path(record["local_dir"]).is_dir():
             return record
         home = self.directory / self.run_id
+        if home.is_symlink():  # planted: the run's files would land wherever it points
+            raise _link(home, "nothing was written through it")
         home.mkdir(exist_ok=True)
         copy = Path(tempfile.mkdtemp(prefix=f"{record['kind']}-", dir=home))
         shutil.copytree(record["local_dir"], copy, dirs_exist_ok=True)
@@ -230,13 +244,16 @@ def sync_file(path: str | Path, uri: str, client_factory: Callable[[str], Any] |
     """Deliver one spool file to the store `uri` and delete it; returns the number of metric values delivered.
 
     A spool file is data, not instructions: unless the user `named` the store, a file written for another store is
-    refused (it would choose where the run goes), and a folder outside `<spool dir>/<run_id>/` is never uploaded.
+    refused (it would choose where the run goes); nothing but the regular files under `<spool dir>/<run_id>/` is
+    ever uploaded, and a symbolic link (the spool file, the run folder or anything in it) refuses the whole file.
     Raises on the first record refused; the file is then kept whole."""
     path = Path(path)
     if client_factory is None:
         from mlflow.tracking import MlflowClient
 
         client_factory = MlflowClient
+    if path.is_symlink():
+        raise _link(path)
     if not path.is_file():
         return 0
     with _locked(path) as fd:  # no run appends while its spool is delivered
@@ -258,11 +275,45 @@ def _check_spool(path: Path, header: dict[str, Any], records: list[dict[str, Any
     if not named and header.get("tracking_uri") != uri:
         raise ValueError(f"written for the store {safe_uri(str(header.get('tracking_uri')))}, not the current one "
                          f"({safe_uri(uri)}); deliver it there with --uri")
-    home = (path.parent / str(header["run_id"])).resolve()
+    if header["run_id"] != path.stem:
+        raise ValueError(f"written for the run {header['run_id']}, not for {path.stem!r} (its file name): refused")
+    home = path.parent.resolve() / path.stem  # the spool folder the user named; below it, no link is followed
     for r in records:
-        if "local_dir" in r and not Path(r["local_dir"]).resolve().is_relative_to(home):
+        if "local_dir" not in r:
+            continue
+        folder = Path(r["local_dir"])
+        if not folder.is_absolute() or ".." in folder.parts or not folder.is_relative_to(home):
             raise ValueError(f"a {r.get('kind')} record names the folder {r['local_dir']!r}, outside the spool's run "
                              f"folder {home}: refused")
+        _check_tree(home, folder)
+
+
+def _check_tree(home: Path, folder: Path) -> None:
+    """Refuse a symbolic link on the way from `home` down to `folder` or anywhere in it (and anything in it but
+    folders and regular files): each is looked at with lstat, never followed. No folder there: nothing is uploaded."""
+    steps = folder.relative_to(home).parts
+    for i in range(len(steps) + 1):
+        here = home.joinpath(*steps[:i])
+        try:
+            mode = here.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode):
+            raise _link(here)
+        if not stat.S_ISDIR(mode):
+            return
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    for root, dirs, files in os.walk(folder, onerror=fail):  # links are listed, not followed
+        for name in dirs + files:
+            entry = Path(root, name)
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise _link(entry)
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ValueError(f"{entry} is not a regular file: refused (nothing of this spool file was delivered)")
 
 
 def pending(directory: str | Path) -> list[Path]:
@@ -270,7 +321,7 @@ def pending(directory: str | Path) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted(d.glob(f"*{SUFFIX}"), key=lambda p: (p.stat().st_mtime, p.name))
+    return sorted(d.glob(f"*{SUFFIX}"), key=lambda p: (p.lstat().st_mtime, p.name))  # a dangling link too
 
 
 def sync_spool(directory: str | Path, uri: str | None = None,

@@ -7,7 +7,7 @@ after the last user message: the content of its last `\\boxed{}`, else all of it
 (the SFT explanation). Questions are compared with whitespace collapsed; a repeated question keeps its first row.
 Train and eval are split by the hash of the question (`eval_percent`), or `eval_path` names the held-out file.
 Any problem with the file is a ValueError of one line naming the file, the row (1-based, header not counted) and
-the column.
+the column. A file larger than `max_file_mb` (default 1000 MB) is refused by its size, before it is read.
 
 Verifiers (model output is at most 200 characters, never evaluated as code):
 - `exact`: the same text, whitespace collapsed, case ignored unless `case_sensitive`;
@@ -66,6 +66,9 @@ class DatasetParams(TaskParams):
     )
     tolerance: float = Field(1e-6, ge=0.0, lt=1.0, description="Relative tolerance of the numeric verifier.")
     case_sensitive: bool = Field(False, description="Whether the exact verifier tells upper from lower case.")
+    max_file_mb: float = Field(1000.0, gt=0.0, allow_inf_nan=False, description="Largest data file read, in MB "
+                               "(10^6 bytes); a larger file is refused before it is read (pandas needs a few times "
+                               "its size in memory).")
 
 
 def parse_number(text: str) -> float | None:
@@ -125,8 +128,9 @@ def _words(text: str, case_sensitive: bool) -> str:
     return text if case_sensitive else text.casefold()
 
 
-def _read(path: str) -> pd.DataFrame:
-    """The file as a DataFrame with at least one row; any problem is a one-line ValueError."""
+def _read(path: str, max_mb: float) -> pd.DataFrame:
+    """The file as a DataFrame with at least one row; any problem (a file over `max_mb` MB included, found by its
+    size before anything is read) is a one-line ValueError."""
     where, p = f"task dataset: {path}", Path(path)
     if not p.is_file():
         cwd = "" if p.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
@@ -135,9 +139,13 @@ def _read(path: str) -> pd.DataFrame:
     if suffix not in FORMATS:
         raise ValueError(f"{where}: unsupported format {suffix or '(no extension)'!r}; use .jsonl, .json, .csv or "
                          ".parquet")
+    size = p.stat().st_size
+    if size > max_mb * 1e6:
+        raise ValueError(f"{where}: {size / 1e6:.4g} MB, over task.max_file_mb = {max_mb:g}; raise "
+                         "task.max_file_mb to read it")
     with p.open("rb") as f:
         head = f.read(4096)
-    if not head.strip() and p.stat().st_size <= len(head):
+    if not head.strip() and size <= len(head):
         raise ValueError(f"{where}: empty file")
     try:
         if suffix == ".csv":
@@ -230,7 +238,7 @@ class DatasetTask(Task):
     def _load(self, path: str) -> list[Problem]:
         """The distinct problems of one file, in file order."""
         p = self.params
-        df = _read(path)
+        df = _read(path, p.max_file_mb)
         where = f"task dataset: {path}"
         wanted = [p.messages_column or p.question_column]
         wanted += [p.answer_column] if not p.messages_column else []

@@ -176,3 +176,84 @@ def test_a_run_reconciled_during_an_outage_comes_back_running_then_finishes(clie
         assert stored.info.status == "RUNNING" and "reconciled" not in stored.data.tags  # alive after all
     stored = client.get_run(run.run_id)
     assert stored.info.status == "FINISHED" and _history(client, run.run_id) == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def _planted(spool_dir, run_id, uri, records) -> str:
+    """A spool file for `run_id` written by someone else (any records), as text."""
+    lines = [{"kind": "run", "run_id": run_id, "tracking_uri": uri, "created": 0}, *records]
+    return "".join(json.dumps(r) + "\n" for r in lines)
+
+
+@pytest.mark.parametrize("link", ["run folder", "model folder", "folder inside", "file inside", "spool file"])
+def test_sync_refuses_symbolic_links_and_uploads_nothing(client, tmp_path, link):
+    run_id = client.create_run(client.create_experiment(f"links: {link}")).info.run_id
+    secret = tmp_path / "home" / ".ssh"
+    secret.mkdir(parents=True)
+    (secret / "id_rsa").write_text("PRIVATE")
+    spool_dir, uri = tmp_path / "spool", client.tracking_uri
+    home, spool = spool_dir / run_id, spool_dir / f"{run_id}.jsonl"
+    spool_dir.mkdir()
+    folder, refused = home / "artifacts-x", home
+    if link in ("run folder", "model folder"):  # <spool>/<run_id> -> ~/.ssh: the folder the checks trusted
+        home.symlink_to(secret)
+        folder = home
+    elif link == "folder inside":
+        (folder / "keys").parent.mkdir(parents=True)
+        (folder / "keys").symlink_to(secret)
+        refused = folder / "keys"
+    elif link == "file inside":
+        folder.mkdir(parents=True)
+        (folder / "ok.txt").write_text("fine")
+        (folder / "id_rsa").symlink_to(secret / "id_rsa")
+        refused = folder / "id_rsa"
+    kind = "logged_model" if link == "model folder" else "artifacts"
+    record = {"kind": kind, "local_dir": str(folder), "artifact_path": "loot", "name": "model", "step": 1,
+              "timestamp": 0, "metrics": {}}
+    text = _planted(spool_dir, run_id, uri, [{"kind": "tags", "tags": {"x": "1"}}, record])
+    if link == "spool file":  # <spool>/<run_id>.jsonl -> a file elsewhere
+        elsewhere = tmp_path / "elsewhere.jsonl"
+        elsewhere.write_text(_planted(spool_dir, run_id, uri, [{"kind": "tags", "tags": {"x": "1"}}]))
+        spool.symlink_to(elsewhere)
+        refused = spool
+    else:
+        spool.write_text(text)
+
+    out = CliRunner().invoke(app, ["runs", "sync", "--spool", str(spool_dir), "--uri", uri])
+    assert out.exit_code == 1 and out.stdout.splitlines()[0] == "synced 0 run(s), 0 metric value(s)", out.output
+    assert out.stdout.splitlines()[1:] == [f"  not synced: {spool}: ValueError: {refused} is a symbolic link: "
+                                           "refused (nothing of this spool file was delivered)"], out.stdout
+    run = client.get_run(run_id)
+    assert client.list_artifacts(run_id) == [] and "x" not in run.data.tags  # nothing uploaded, nothing set
+    assert client.search_logged_models([run.info.experiment_id]) == []
+    assert spool.is_symlink() or spool.read_text() == text  # kept whole, for a look
+    assert (secret / "id_rsa").read_text() == "PRIVATE"
+
+
+def test_a_run_never_writes_through_a_planted_link(tmp_path):
+    spool_dir, elsewhere = tmp_path / "spool", tmp_path / "elsewhere"
+    spool_dir.mkdir()
+    elsewhere.mkdir()
+    (spool_dir / "r1").symlink_to(elsewhere)  # the run folder of run r1
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (spool_dir / "r2.jsonl").symlink_to(victim)  # the spool file of run r2
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights").write_text("w")
+    with pytest.raises(ValueError, match=r"r1 is a symbolic link: refused"):
+        Spool(spool_dir, "r1", "sqlite:///x.db").append([{"kind": "artifacts", "local_dir": str(model)}])
+    with pytest.raises(ValueError, match=r"r2\.jsonl is a symbolic link: refused"):
+        Spool(spool_dir, "r2", "sqlite:///x.db").append([{"kind": "status", "status": "FINISHED"}])
+    assert list(elsewhere.iterdir()) == [] and victim.read_text() == "keep"
+
+
+def test_sync_refuses_a_spool_file_named_for_another_run(client, tmp_path):
+    run_id = client.create_run(client.create_experiment("renamed")).info.run_id
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / "other.jsonl").write_text(_planted(spool_dir, run_id, client.tracking_uri,
+                                                    [{"kind": "tags", "tags": {"x": "1"}}]))
+    result = sync_spool(spool_dir, client.tracking_uri)
+    assert not result.synced and "x" not in client.get_run(run_id).data.tags
+    assert result.failed == {str(spool_dir / "other.jsonl"): f"ValueError: written for the run {run_id}, not for "
+                             "'other' (its file name): refused"}
