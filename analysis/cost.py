@@ -225,9 +225,20 @@ def _final_mask(runs: pd.DataFrame, phase: pd.Series, final_run_id: str | None) 
     return final
 
 
+def round_usd(usd: float) -> float:
+    """Dollars rounded for display with the digits they have: to the cent from $1 up, else to 3 significant digits
+    (a CPU run's $0.00139 stays $0.00139, never $0)."""
+    return round(usd, 2) if abs(usd) >= 1 else float(f"{usd:.3g}")
+
+
+def _significant(v: float, digits: int) -> float:
+    return float(f"{v:.{digits}g}")
+
+
 def cost_table(result: dict) -> pd.DataFrame:
-    """project_cost's result by category, with the total, rounded for display: usd, share of total (%), and the
-    device-hours of each unit (`GPU_hours`, `vCPU_hours`, ...)."""
+    """project_cost's result by category, with the total, rounded for display (round_usd; shares and hours to 3 and
+    4 significant digits, so a tiny cost keeps its digits): usd, share of total (%), and the device-hours of each
+    unit (`GPU_hours`, `vCPU_hours`, ...)."""
     total = result["total_usd"]
     units = list(result["device_hours"])
     rows = [{"category": c, "usd": result["by_category"][c]}
@@ -235,7 +246,8 @@ def cost_table(result: dict) -> pd.DataFrame:
     rows.append({"category": "total", "usd": total} | {f"{u}_hours": result["device_hours"][u] for u in units})
     df = pd.DataFrame(rows, columns=["category", "usd", *(f"{u}_hours" for u in units)])
     df.insert(2, "share_pct", df["usd"] / total * 100 if total else math.nan)
-    return df.round({"usd": 2, "share_pct": 1} | {f"{u}_hours": 4 for u in units})
+    return df.assign(usd=df["usd"].map(round_usd), share_pct=df["share_pct"].map(lambda v: _significant(v, 3)),
+                     **{f"{u}_hours": df[f"{u}_hours"].map(lambda v: _significant(v, 4)) for u in units})
 
 
 def spend_over_time(runs: pd.DataFrame) -> pd.DataFrame:

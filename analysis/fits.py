@@ -8,8 +8,10 @@ Forms (parameter names are part of the interface):
     chinchilla   L = E + A / N^alpha + B / D^beta             x = N, x2 = D; Huber(1e-3) on log L (approach 3)
 
 Single-variable forms are fitted in u = log x - mean(log x), started from a grid over the nonlinear parameters
-with the linear ones solved exactly, and refined from the best starts. r2 and rmse are always measured on y itself
-(on the loss, not its log, for chinchilla). Intervals are percentiles of refits on points resampled with replacement.
+with the linear ones solved exactly, and refined from the best starts; optional per-point `weights` (e.g. the
+number of eval problems behind each score) make it weighted least squares. r2 and rmse are always measured on y
+itself, unweighted (on the loss, not its log, for chinchilla). Intervals are percentiles of refits on points
+resampled with replacement.
 """
 
 from __future__ import annotations
@@ -144,22 +146,25 @@ def fit(
     n_boot: int = 200,
     seed: int = 0,
     score: bool = False,
+    weights: ArrayLike | None = None,
 ) -> Fit:
     """Fit `form` to (x, y), dropping points with x < exclude_below; x2 is D for chinchilla (x is then N). With
-    `score`, y is a score in [0, 1] and so are the fitted levels (sigmoid R0 and A, saturating E) and intervals."""
+    `score`, y is a score in [0, 1] and so are the fitted levels (sigmoid R0 and A, saturating E) and intervals.
+    `weights` (> 0, one a point; not for chinchilla) weight each point's squared residual."""
     x, y, x2 = _data(x, y, form, x2)
+    w = _weights(weights, len(x), form)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     keep = np.ones(len(x), dtype=bool) if exclude_below is None else x >= exclude_below
-    x, y, x2 = x[keep], y[keep], None if x2 is None else x2[keep]
+    x, y, x2, w = x[keep], y[keep], None if x2 is None else x2[keep], w[keep]
     k = len(FORMS[form])
     distinct = len(np.unique(np.column_stack([x] if x2 is None else [x, x2]), axis=0))
     if distinct < k:
         raise ValueError(f"{form} has {k} parameters but only {distinct} distinct points remain to fit")
     lx, lx2 = np.log(x), None if x2 is None else np.log(x2)
     with threadpool_limits(limits=1):  # threaded BLAS makes L-BFGS-B on these tiny problems ~15x slower
-        best = _estimate(form, lx, y, lx2, None, score)
-        draws = _bootstrap(form, lx, y, lx2, best, n_boot, seed, score)
+        best = _estimate(form, lx, y, lx2, None, score, w)
+        draws = _bootstrap(form, lx, y, lx2, best, n_boot, seed, score, w)
     residual = _curve(form, best, x, x2) - y
     total = np.sum((y - y.mean()) ** 2)
     ci = {}
@@ -190,12 +195,15 @@ def extrapolation(
     n_boot: int = 0,
     seed: int = 0,
     score: bool = False,
+    weights: ArrayLike | None = None,
 ) -> dict[str, Any]:
-    """Fit on points with x < cut; errors (mae, rmse, mean relative mre) on the held-out points with x >= cut.
+    """Fit on points with x < cut (with their `weights`); errors (mae, rmse, mean relative mre; unweighted) on the
+    held-out points with x >= cut.
 
     The returned "fit" is the Fit object; every other value is JSON-ready.
     """
     x, y, x2 = _data(x, y, form, x2)
+    w = _weights(weights, len(x), form)
     train, test = x < cut, x >= cut
     if not test.any():
         raise ValueError(f"no points with x >= cut={cut:g} to test on")
@@ -208,6 +216,7 @@ def extrapolation(
         n_boot=n_boot,
         seed=seed,
         score=score,
+        weights=None if weights is None else w[train],
     )
     error = result.predict(x[test], None if x2 is None else x2[test]) - y[test]
     return {
@@ -292,6 +301,20 @@ def _data(x: ArrayLike, y: ArrayLike, form: str, x2: ArrayLike | None) -> tuple[
     return out["x"], out["y"], out.get("x2")
 
 
+def _weights(weights: ArrayLike | None, n: int, form: str) -> np.ndarray:
+    """Validated point weights, scaled to mean 1 (all 1 when None)."""
+    if weights is None:
+        return np.ones(n)
+    if form == "chinchilla":
+        raise ValueError("weights are not supported for the chinchilla form")
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have one value a point ({n}), got shape {w.shape}")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError("weights must be finite and > 0")
+    return w / w.mean()
+
+
 def _curve(form: str, p: np.ndarray, x: np.ndarray, x2: np.ndarray | None) -> np.ndarray:
     """The form at x from parameters p (in FORMS order; entries may be column arrays to evaluate many at once)."""
     lx = np.log(x)
@@ -312,21 +335,22 @@ def _curve(form: str, p: np.ndarray, x: np.ndarray, x2: np.ndarray | None) -> np
 
 
 def _estimate(form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, start: np.ndarray | None,
-              score: bool = False) -> np.ndarray:
+              score: bool = False, w: np.ndarray | None = None) -> np.ndarray:
     """Parameters (FORMS order) fitted to one sample; `start` (a previous estimate) replaces the search for starts;
-    `score` keeps the levels in [0, 1]."""
+    `score` keeps the levels in [0, 1]; `w` weights the squared residuals."""
+    sw = np.ones(len(y)) if w is None else np.sqrt(w)
     if form == "power":
-        b, log_a = np.polyfit(lx, np.log(y), 1)
+        b, log_a = np.polyfit(lx, np.log(y), 1, w=sw)
         return np.array([np.exp(log_a), b])
     if form == "chinchilla":
         return _fit_chinchilla(lx, lx2, np.log(y), start)
     ref = lx.mean()
     u = lx - ref
     model = _MODELS[form]
-    starts = _starts(form, u, y) if start is None else [_to_u(form, start, ref)]
+    starts = _starts(form, u, y, sw) if start is None else [_to_u(form, start, ref)]
     low, high = _SCORE_BOUNDS.get(form, _BOUNDS[form]) if score else _BOUNDS[form]
     results = [
-        least_squares(lambda p: model(u, *p) - y, np.clip(p0, low, high), bounds=(low, high), x_scale="jac")
+        least_squares(lambda p: sw * (model(u, *p) - y), np.clip(p0, low, high), bounds=(low, high), x_scale="jac")
         for p0 in starts
     ]
     converged = [r for r in results if r.status > 0]
@@ -355,8 +379,9 @@ def _from_u(form: str, q: np.ndarray, ref: float) -> np.ndarray:
     return p
 
 
-def _starts(form: str, u: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
-    """Best starting points from a grid over the nonlinear parameters, the two linear ones solved by least squares."""
+def _starts(form: str, u: np.ndarray, y: np.ndarray, sw: np.ndarray) -> list[np.ndarray]:
+    """Best starting points from a grid over the nonlinear parameters, the two linear ones solved by least squares
+    (residuals scaled by `sw`, the square roots of the weights)."""
     span = np.ptp(u)
     if form == "sigmoid":
         grid = itertools.product(
@@ -367,8 +392,8 @@ def _starts(form: str, u: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     scored = []
     for nonlinear in grid:
         design = np.column_stack([_MODELS[form](u, 1.0, 0.0, *nonlinear), _MODELS[form](u, 0.0, 1.0, *nonlinear)])
-        coef = np.linalg.lstsq(design, y, rcond=None)[0]
-        scored.append((np.sum((design @ coef - y) ** 2), np.array([*coef, *nonlinear])))
+        coef = np.linalg.lstsq(design * sw[:, None], y * sw, rcond=None)[0]
+        scored.append((np.sum((sw * (design @ coef - y)) ** 2), np.array([*coef, *nonlinear])))
     scored.sort(key=lambda s: s[0])
     return [p for _, p in scored[:N_REFINED]]
 
@@ -407,9 +432,10 @@ def _fit_chinchilla(lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, start: np.nd
 
 def _bootstrap(
     form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, best: np.ndarray, n_boot: int, seed: int,
-    score: bool = False,
+    score: bool = False, w: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Estimates refitted (from `best`) on n_boot resamples of the points; degenerate resamples are skipped."""
+    """Estimates refitted (from `best`) on n_boot resamples of the points (each keeps its weight in `w`);
+    degenerate resamples are skipped."""
     rng = np.random.default_rng(seed)
     keys = np.column_stack([lx] if lx2 is None else [lx, lx2])
     k = len(FORMS[form])
@@ -419,7 +445,8 @@ def _bootstrap(
         if len(np.unique(keys[i], axis=0)) < k:
             continue
         try:
-            draws.append(_estimate(form, lx[i], y[i], None if lx2 is None else lx2[i], best, score))
+            draws.append(_estimate(form, lx[i], y[i], None if lx2 is None else lx2[i], best, score,
+                                   None if w is None else w[i]))
         except RuntimeError:
             continue
     return np.array(draws).reshape(-1, k)

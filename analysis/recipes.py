@@ -1,8 +1,12 @@
 """Which recipe scales: each run's held-out score against its cumulative RL compute (its compute less the SFT
 warm start and the evals: the part RL spends), pooled per recipe, fitted the ScaleRL way (arXiv 2510.13786) with
 R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) after dropping the warm-up, and recipes compared by asymptote A and
-efficiency (B, C_mid). Intervals come from a bootstrap over runs, so seeds count; a score and its intervals stay
-in [0, 1].
+efficiency (B, C_mid). Each recipe is forecast at HORIZON x its own largest compute, and the forecast is stated
+only when the same fit made one HORIZON earlier predicted what followed. Quick evals (the first
+`grpo.eval_problems` problems) and full evals (all `eval.problems`) meet on one footing: each point is weighted by
+the number of problems behind it (`eval/problems`), its inverse binomial variance up to p(1 - p). Intervals come
+from a bootstrap over runs, so seeds count, plus the binomial noise of the shared eval set; a score and its
+intervals stay in [0, 1].
 """
 
 from __future__ import annotations
@@ -13,37 +17,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rlscale.analysis.fits import Fit, extrapolation, fit
+from rlscale.analysis.fits import extrapolation, fit
 from rlscale.analysis.runs import metric_history
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
+PROBLEMS = "eval/problems"  # how many eval problems stand behind each score
 NOT_RL = ("compute/flops/sft", "compute/flops/eval")  # compute that is not RL training
-CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "rl_flops", "device_hours", "samples"]
+CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "rl_flops", "device_hours", "samples", "eval_problems"]
 HORIZON = 10.0  # the forecast budget: 10x the largest compute a recipe ran
 WARMUP = 0.1  # points below this fraction of a recipe's largest compute are warm-up, not fitted (ScaleRL drops ~15%)
-HELD_OUT_CUT = 0.5  # the held-out check fits below this fraction of the largest compute and predicts the rest
+HELD_OUT_CUT = 0.5  # the held-out check scores the points at or above this fraction of the largest compute
 MAX_HELD_OUT_ERROR = 0.05  # a forecast is stated only when the held-out mean absolute error is at most this
 
 
 def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
     """Every held-out eval of every finished run with a `recipe` tag (after SFT, each quick eval in RL, the final
-    one) with the run's cumulative compute (all of it, and RL's: less SFT and evals), device-hours and RL samples at
-    that step, read from MLflow's history."""
+    one) with the run's cumulative compute (all of it, and RL's: less SFT and evals), device-hours, RL samples and
+    the number of eval problems behind the score at that step (NaN where not logged), read from MLflow's history."""
     rows = []
     keep = runs[(runs["fate"] == "finished")] if "fate" in runs else runs
     for run in keep.to_dict("records"):
         recipe = run.get("tags.recipe")
         if not isinstance(recipe, str) or not recipe:
             continue
+        keys = (SCORE, COMPUTE, HOURS, SAMPLES, PROBLEMS, *NOT_RL)
         history = {key: metric_history(run["run_id"], key, uri, root).groupby("step")["value"].last()
-                   for key in (SCORE, COMPUTE, HOURS, SAMPLES, *NOT_RL)}  # a step logged twice: its latest value
+                   for key in keys}  # a step logged twice: its latest value
         frame = pd.DataFrame(history)
         frame[[*NOT_RL]] = frame.reindex(columns=list(NOT_RL)).ffill().fillna(0.0)  # absent: none spent
         frame = frame.dropna(subset=[SCORE, COMPUTE])
         for step, r in frame.iterrows():
             rows.append({"run_id": run["run_id"], "recipe": recipe, "step": int(step), "score": r[SCORE],
                          "flops": r[COMPUTE], "rl_flops": r[COMPUTE] - sum(r[k] for k in NOT_RL),
-                         "device_hours": r.get(HOURS), "samples": r.get(SAMPLES)})
+                         "device_hours": r.get(HOURS), "samples": r.get(SAMPLES),
+                         "eval_problems": r.get(PROBLEMS)})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
@@ -71,23 +78,29 @@ def recipe_labels(runs: pd.DataFrame, most: int = 3) -> dict[str, str]:
 def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP, n_boot: int = 200,
                seed: int = 0, horizon: float = HORIZON) -> dict[str, Any]:
     """The sigmoid of one recipe's pooled curves against `x` (rl_flops, flops, device_hours or samples), points below
-    `warmup` x the largest x dropped; intervals from refits on runs resampled with replacement. Returns the
-    parameters, their 95% intervals, r2, the held-out check (fitted below HELD_OUT_CUT x the largest x, scored
-    above), and the forecast at `horizon` x the largest x with its band, the gain the next `horizon`-fold of x
-    brings and how far the recipe is from its asymptote A; `forecast_ok` says whether the check allows stating it."""
+    `warmup` x the largest x dropped, each point weighted by its eval problems (when every point has them);
+    intervals from refits on runs resampled with replacement, each resample's scores shifted by the binomial noise
+    of the eval set. Returns the parameters, their 95% intervals, r2, the held-out check (_held_out), and the
+    forecast at `horizon` x the recipe's own largest x with its band, the gain that next `horizon`-fold brings and
+    how far the recipe is from its asymptote A; `forecast_ok` says whether the check allows stating it."""
     data = curves[(curves[x] > 0) & np.isfinite(curves[x])]
     top = float(data[x].max())
     fitted_points = data[data[x] >= warmup * top]
-    best = fit(fitted_points[x], fitted_points["score"], "sigmoid", n_boot=0, score=True)
-    draws = _bootstrap_runs(fitted_points, x, n_boot, seed)
+    n = fitted_points["eval_problems"] if "eval_problems" in fitted_points else pd.Series(np.nan, fitted_points.index)
+    weighted = bool((n > 0).all())
+    weights = n.to_numpy(float) if weighted else None
+    best = fit(fitted_points[x], fitted_points["score"], "sigmoid", n_boot=0, score=True, weights=weights)
+    draws = _bootstrap_runs(fitted_points.assign(eval_problems=n), x, n_boot, seed, best.params.values(), weighted)
     target = horizon * top
     now, later = float(best.predict([top])[0]), float(best.predict([target])[0])
-    heldout = _held_out(fitted_points, x, top)
+    heldout = _held_out(data, x, top, horizon, warmup)
     out: dict[str, Any] = {
         "recipe": str(data["recipe"].iloc[0]), "x": x, "n_runs": int(data["run_id"].nunique()),
         "n_points": len(fitted_points), "warmup_fraction": warmup, "dropped_points": len(data) - len(fitted_points),
+        "weights": "eval problems" if weighted else "equal (eval/problems not logged for every point)",
+        "eval_problems": sorted({int(v) for v in n.dropna()}),
         "params": best.params, "r2": best.r2, "fitted_from": float(fitted_points[x].min()), "largest_x": top,
-        "forecast_x": target, "score_now": now,
+        "horizon": horizon, "forecast_x": target, "score_now": now,
         "forecast": later, "gain_next": later - now, "to_asymptote": best.params["A"] - now, "heldout": heldout,
         "forecast_ok": "mae" in heldout and heldout["mae"] <= MAX_HELD_OUT_ERROR,
     }
@@ -98,20 +111,20 @@ def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP
         out["forecast_band"] = [float(v) for v in np.percentile(curves_at[:, 1], q)]
         out["gain_next_band"] = [float(v) for v in np.percentile(curves_at[:, 1] - curves_at[:, 0], q)]
         out["n_boot"] = len(draws)
+        out["band_has_eval_noise"] = weighted
     return out
 
 
 def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, n_boot: int = 200,
                     seed: int = 0) -> dict[str, Any]:
-    """Every recipe fitted against RL compute (and RL samples), ranked by the forecast at 10x the largest RL compute
-    any recipe ran (recipes whose held-out check fails come last, by fitted A), with which differences lie inside
-    the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the statement."""
+    """Every recipe fitted against RL compute (and RL samples), each forecast at HORIZON x its own largest RL compute,
+    ranked by that forecast (recipes whose held-out check fails come last, by fitted A), with which differences lie
+    inside the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the
+    statement."""
     fits, skipped = [], {}
-    budget = HORIZON * float(curves["rl_flops"].max()) if len(curves) else 0.0
     for recipe, group in curves.groupby("recipe", sort=True):
         try:
-            f = fit_recipe(group, "rl_flops", n_boot=n_boot, seed=seed,
-                           horizon=budget / float(group["rl_flops"].max()))
+            f = fit_recipe(group, "rl_flops", n_boot=n_boot, seed=seed)
         except (ValueError, RuntimeError) as e:
             skipped[str(recipe)] = str(e)
             continue
@@ -125,23 +138,32 @@ def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, 
         fits.append(f)
     fits.sort(key=lambda f: (f["forecast_ok"], f["forecast"] if f["forecast_ok"] else f["params"]["A"]),
               reverse=True)
-    return {"budget_flops": budget, "recipes": fits, "skipped": skipped, "ranking": [f["recipe"] for f in fits],
-            "max_heldout_error": MAX_HELD_OUT_ERROR, "statement": _statement(fits, budget, skipped)}
+    return {"horizon": HORIZON, "recipes": fits, "skipped": skipped, "ranking": [f["recipe"] for f in fits],
+            "max_heldout_error": MAX_HELD_OUT_ERROR, "statement": _statement(fits, skipped)}
 
 
-def _held_out(points: pd.DataFrame, x: str, top: float) -> dict[str, Any]:
-    """The sigmoid fitted on the points below HELD_OUT_CUT x the largest x, its errors on the points above, or a
-    note saying why there is no check."""
-    cut = HELD_OUT_CUT * top
-    n_train = int(points.loc[points[x] < cut, x].nunique())
-    if n_train < 5 or not (points[x] >= cut).any():
-        return {"cut": cut, "note": f"too few points below {HELD_OUT_CUT:g}x the largest run to check a forecast "
-                                    f"({n_train} distinct, the sigmoid needs 5)"}
+def _held_out(points: pd.DataFrame, x: str, top: float, horizon: float, warmup: float) -> dict[str, Any]:
+    """The forecast's own procedure made one `horizon` earlier: the sigmoid fitted (warm-up dropped, weighted alike)
+    on the points below cut = top / horizon and scored on those at or above HELD_OUT_CUT x top, so the check
+    extrapolates as far as the forecast does (`reach`: top over the largest x it was fitted on); or a note saying
+    why there is no check."""
+    cut = top / horizon
+    train = points[(points[x] >= warmup * cut) & (points[x] < cut)]
+    test = points[points[x] >= HELD_OUT_CUT * top]
+    n_train = int(train[x].nunique())
+    if n_train < 5:
+        return {"cut": cut, "note": f"too few points below 1/{horizon:g} of the largest run to check a {horizon:g}x "
+                                    f"forecast ({n_train} distinct from {warmup * cut:.3g} to {cut:.3g}, the sigmoid "
+                                    "needs 5)"}
+    both = pd.concat([train, test])
+    n = both["eval_problems"] if "eval_problems" in both else pd.Series(np.nan, both.index)
+    weighted = bool((n[both[x] < cut] > 0).all())  # only the points it is fitted on carry weight
     try:
-        result = extrapolation(points[x], points["score"], "sigmoid", cut, score=True)
+        result = extrapolation(both[x], both["score"], "sigmoid", cut, score=True,
+                               weights=n.fillna(1.0).to_numpy(float) if weighted else None)
     except (ValueError, RuntimeError) as e:
         return {"cut": cut, "note": f"held-out fit failed: {e}"}
-    return {k: result[k] for k in ("cut", "n_train", "n_test", "mae", "rmse")}
+    return {k: result[k] for k in ("cut", "n_train", "n_test", "mae", "rmse")} | {"reach": top / float(train[x].max())}
 
 
 def sigmoid(p: Any, x: Any) -> Any:
@@ -150,16 +172,28 @@ def sigmoid(p: Any, x: Any) -> Any:
     return R0 + (A - R0) / (1 + (C_mid / np.asarray(x, dtype=float)) ** B)
 
 
-def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int) -> np.ndarray:
-    """Sigmoid parameters refitted on `n_boot` resamples of the runs (a run's points stay together)."""
+def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int, best: Any, eval_noise: bool) -> np.ndarray:
+    """Sigmoid parameters refitted on `n_boot` resamples of the runs (a run's points stay together). With
+    `eval_noise`, each resample also draws the error of the shared eval set: the points scored on the same problems
+    (same `eval_problems`; a smaller set is the first problems of a larger one) share one binomial error of sd
+    sqrt(p (1 - p) / n) at the fitted p, taken as common to every run and step (an upper bound), and the refit is
+    weighted by n as the fit is."""
     rng = np.random.default_rng(seed)
     ids = points["run_id"].unique()
     by_run = {i: points[points["run_id"] == i] for i in ids}
+    sizes = np.sort(points["eval_problems"].unique()) if eval_noise else np.array([])
     draws = []
     for _ in range(n_boot if len(ids) > 1 else 0):
         sample = pd.concat([by_run[i] for i in rng.choice(ids, len(ids))])
+        score, weights = sample["score"].to_numpy(float), None
+        if eval_noise:  # the sum of per-problem errors over the first n problems, one draw per set, nested
+            total = np.cumsum(rng.normal(0.0, np.sqrt(np.diff(sizes, prepend=0.0))))
+            n = sample["eval_problems"].to_numpy(float)
+            p = np.clip(sigmoid(list(best), sample[x]), 0.0, 1.0)
+            score = np.clip(score + np.sqrt(p * (1 - p)) * total[np.searchsorted(sizes, n)] / n, 0.0, 1.0)
+            weights = n
         try:
-            f: Fit = fit(sample[x], sample["score"], "sigmoid", n_boot=0, score=True)
+            f = fit(sample[x], score, "sigmoid", n_boot=0, score=True, weights=weights)
         except (ValueError, RuntimeError):
             continue
         draws.append(list(f.params.values()))
@@ -167,21 +201,25 @@ def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int) -> np.
 
 
 def _tapering(f: dict[str, Any]) -> bool:
-    """RL has stopped paying when the next 10x of compute is expected to add under a point, or the recipe is within
-    a point of its asymptote."""
+    """RL has stopped paying when the next HORIZON-fold of the recipe's own compute is expected to add under a point,
+    or the recipe is within a point of its asymptote."""
     return f["gain_next"] < 0.01 or f["to_asymptote"] < 0.01
 
 
-def _statement(fits: list[dict[str, Any]], budget: float, skipped: dict[str, str]) -> str:
+def _statement(fits: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     if not fits:
         return "No recipe could be fitted" + (": " + "; ".join(f"{r}: {e}" for r, e in skipped.items())
                                               if skipped else ".")
     ok = [f for f in fits if f["forecast_ok"]]
     lines = []
     if ok:
-        lines.append(f"At {budget:.3g} RL FLOPs (10x the largest run), the recipes whose held-out check passes "
-                     f"(mean error <= {MAX_HELD_OUT_ERROR:g}) rank "
-                     + " > ".join(f"{f['label']} ({f['forecast']:.3f})" for f in ok) + ".")
+        lines.append(f"At {HORIZON:g}x each recipe's own largest RL compute, the recipes whose held-out check passes "
+                     f"(mean error <= {MAX_HELD_OUT_ERROR:g} over a {HORIZON:g}x extrapolation) rank "
+                     + " > ".join(f"{f['label']} ({f['forecast']:.3f} at {f['forecast_x']:.3g} RL FLOPs)"
+                                  for f in ok) + ".")
+        largest = [f["largest_x"] for f in ok]
+        if max(largest) > 2 * min(largest):
+            lines.append("Their largest runs differ by more than 2x, so these forecasts are at different compute.")
     for a, b in zip(ok, ok[1:], strict=False):
         if "forecast_band" in a and "forecast_band" in b:
             overlap = a["forecast_band"][0] <= b["forecast_band"][1]
@@ -189,10 +227,13 @@ def _statement(fits: list[dict[str, Any]], budget: float, skipped: dict[str, str
             lines.append(f"{a['label']} vs {b['label']}: {verdict}")
     for f in fits:
         if f["forecast_ok"]:
-            lines.append(f"{f['label']}: asymptote A = {f['params']['A']:.3f}; the next 10x of compute "
+            lines.append(f"{f['label']}: asymptote A = {f['params']['A']:.3f}; the next {f['horizon']:g}x of its "
+                         f"compute (to {f['forecast_x']:.3g} RL FLOPs) "
                          f"{'adds' if f['gain_next'] >= 0 else 'changes'} {f['gain_next']:+.3f}"
                          + (" (RL is tapering off)." if f["tapering"] else " (RL is still paying)."))
         else:
-            why = f["heldout"].get("note") or (f"held-out error {f['heldout']['mae']:.3f} > {MAX_HELD_OUT_ERROR:g}")
-            lines.append(f"{f['label']}: fitted A = {f['params']['A']:.3f}, but no forecast: {why}.")
+            why = f["heldout"].get("note") or (f"held-out error {f['heldout']['mae']:.3f} > {MAX_HELD_OUT_ERROR:g} "
+                                               f"over a {f['heldout']['reach']:.3g}x extrapolation")
+            lines.append(f"{f['label']}: fitted A = {f['params']['A']:.3f}, but no {f['horizon']:g}x forecast: "
+                         f"{why}.")
     return " ".join(lines)

@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,12 +26,14 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from mlflow.tracking import MlflowClient
 
 from rlscale.analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
 from rlscale.analysis.fits import FORMS, Fit, compare_forms, fit
+from rlscale.analysis.recipes import HORIZON as RECIPE_HORIZON
 from rlscale.analysis.recipes import MAX_HELD_OUT_ERROR, WARMUP, compare_recipes, recipe_labels, run_curves, sigmoid
 from rlscale.analysis.runs import FATES, load_runs
 from rlscale.tracking.run import experiment_id, tracking_uri
@@ -99,25 +102,67 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     fits["recipe_comparison"] = comparison
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names in plots are literal text
         pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
-                "score_vs_data": _plot_score_vs_data(points), "recipes": _plot_recipes(curves, fits["recipes"]),
+                "score_vs_data": _plot_score_vs_data(points),
+                "recipes": _plot_recipes(curves, fits["recipes"], comparison["skipped"]),
                 "cost_breakdown": _plot_cost_breakdown(cost), "spend_over_time": _plot_spend(runs, cost),
                 "total_vs_final": _plot_total_vs_final(cost)}
-    (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = {name: out / "plots" / f"{name}.png" for name in pngs}
-    for name, png in pngs.items():
-        plots[name].write_bytes(png)
     title = f"Project report: {', '.join(experiments) if experiments else 'all experiments'}"
     blocks = _cost_blocks(cost) + _fit_blocks(points, fits) + _recipe_blocks(fits)
     files = {"html": out / "report.html", "markdown": out / "report.md", "runs_csv": out / "runs.csv",
              "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
-    files["html"].write_text(_html(title, blocks, pngs), encoding="utf-8")
-    files["markdown"].write_text(_markdown(title, blocks), encoding="utf-8")
-    csv_safe(runs).to_csv(files["runs_csv"], index=False)
-    files["cost_json"].write_text(json_text(cost), encoding="utf-8")
-    files["fits_json"].write_text(json_text(fits), encoding="utf-8")
+    _claim_out(out, [*plots.values(), *files.values()])  # a folder or file rlscale did not write is refused
+    for name, png in pngs.items():
+        _write(plots[name], png)
+    _write(files["html"], _html(title, blocks, pngs).encode())
+    _write(files["markdown"], _markdown(title, blocks).encode())
+    _write(files["runs_csv"], csv_safe(runs).to_csv(index=False).encode())
+    _write(files["cost_json"], json_text(cost).encode())
+    _write(files["fits_json"], json_text(fits).encode())
     run_id = (_log_report(tracking_uri(uri, Path(root)), Path(root), list(files.values()), out / "plots", experiments)
               if log_to_mlflow else None)
     return ReportResult(out=out, **files, plots=plots, cost=cost, fits=fits, report_run_id=run_id)
+
+
+OUT_MARKER = ".rlscale.json"  # in --out: {"kind": "report", "files": [...]}, the files rlscale wrote there
+
+
+def _claim_out(out: Path, paths: list[Path]) -> None:
+    """Refuse (ValueError, one line) an --out folder rlscale did not write, or a file or link in the way of `paths`
+    that it did not write; else record `paths` in the folder's marker. Nothing is ever deleted."""
+    marker, listed = out / OUT_MARKER, []
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            m = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink() else None
+        except (OSError, ValueError):
+            m = None
+        if not (isinstance(m, dict) and m.get("kind") == "report" and isinstance(m.get("files"), list)):
+            raise ValueError(f"--out {out} is not empty and holds no report rlscale wrote: rlscale never overwrites "
+                             "files it did not write; choose a new or empty folder")
+        listed = m["files"]
+    names = [p.relative_to(out).as_posix() for p in paths]
+    for p, name in zip(paths, names):
+        between = [out / d for d in reversed(Path(name).parents[:-1])]  # plots/ for plots/x.png
+        if any(d.is_symlink() or (d.exists() and not d.is_dir()) for d in between) or p.is_symlink() or (
+                p.exists() and (name not in listed or not p.is_file())):
+            raise ValueError(f"{p} is in the way and rlscale did not write it (or it is a link): move it away or "
+                             "choose another --out")
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    _write(marker, json.dumps({"kind": "report", "files": sorted(set(listed) | set(names))}).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write `path` whole: a new temporary file renamed over it (never written through a link)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    f = open(tmp, "xb")  # exclusive: fails on anything already there, a link included
+    try:
+        with f:
+            f.write(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def score_points(runs: pd.DataFrame) -> pd.DataFrame:
@@ -137,7 +182,8 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
     A form needs one distinct compute value more than its parameters; a form that cannot be fitted is listed in
     "skipped" with the reason. The best form is the one with the lowest held-out rmse (else training rmse)."""
     summary: dict[str, Any] = {"x": COMPUTE, "y": SCORE, "n_points": len(x), "forms": {}, "skipped": {},
-                               "extrapolation": None, "extrapolation_note": None, "best_form": None,
+                               "extrapolation": None, "extrapolation_note": None, "extrapolation_reach": None,
+                               "best_form": None,
                                "best_run": None, "next_10x": {}}
     distinct = len(np.unique(x))
     fitted: dict[str, Fit] = {}
@@ -157,6 +203,8 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
         best = int(np.argmax(y))
         summary["best_run"] = {"score": float(y[best]), "compute": float(x[best])}
     summary["extrapolation"], summary["extrapolation_note"] = _extrapolation_check(x, y, list(fitted))
+    if summary["extrapolation"]:  # how far the check extrapolated: the largest run over the largest one fitted
+        summary["extrapolation_reach"] = float(x.max() / x[x < summary["extrapolation"][0]["cut"]].max())
     ranked = [r["form"] for r in summary["extrapolation"] or []] or sorted(fitted, key=lambda f: fitted[f].rmse)
     summary["best_form"] = ranked[0] if ranked else None
     if fitted:
@@ -227,6 +275,7 @@ def _phase(runs: pd.DataFrame) -> pd.Series:
 # ---- text ----
 
 def _usd(v: float | None) -> str:
+    """Dollars with the digits they have: cents from $1 up, else 3 significant digits ($0.00139)."""
     if v is None or not math.isfinite(v):
         return "n/a"
     return f"${v:,.2f}" if abs(v) >= 1 else f"${v:.3g}"
@@ -319,7 +368,11 @@ def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
         first = fits["extrapolation"][0]
         blocks += [("p", f"Held-out extrapolation check: each form fitted on the {first['n_train']} runs below "
                          f"{first['cut']:.3g} FLOPs, scored on the {first['n_test']} runs at or above it "
-                         "(errors in accuracy; mre is relative), best first:"),
+                         f"(errors in accuracy; mre is relative), best first. It extrapolates up to "
+                         f"{fits['extrapolation_reach']:.3g}x past the largest run it was fitted on; the forecast "
+                         f"reaches {HORIZON:g}x past the largest run"
+                         + (", so the check backs it only part of the way." if fits["extrapolation_reach"] < HORIZON
+                            else ".")),
                    ("table", pd.DataFrame(fits["extrapolation"]))]
     elif fits["extrapolation_note"] and not points.empty:
         blocks.append(("p", f"No held-out extrapolation check: {fits['extrapolation_note']}."))
@@ -335,10 +388,19 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
                                  "(its FLOPs less the SFT warm start and the evals); the "
                                  "sigmoid R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) is fitted to the pooled curves "
                                  f"after dropping the first {100 * WARMUP:g}% of compute as warm-up (ScaleRL, arXiv "
-                                 "2510.13786). A is the asymptote, B and C_mid the efficiency; intervals are 95% "
-                                 "bootstrap over runs, so seeds count. A forecast at 10x is given only when the "
-                                 f"sigmoid fitted below half the largest compute predicts the rest within "
-                                 f"{MAX_HELD_OUT_ERROR:g} on average.")]
+                                 "2510.13786). Each point is weighted by the number of eval problems behind it "
+                                 "(quick evals score the first grpo.eval_problems problems, the evals after SFT and "
+                                 "at the end all eval.problems), so both kinds sit on one curve at their own "
+                                 "precision. A is the asymptote, B and C_mid the efficiency; intervals are 95% "
+                                 "bootstrap over runs, so seeds count, with the binomial noise of the shared eval "
+                                 f"set added. Each recipe is forecast at {RECIPE_HORIZON:g}x its own largest RL "
+                                 "compute, and only when the same fit made one "
+                                 f"{RECIPE_HORIZON:g}x earlier (below 1/{RECIPE_HORIZON:g} of the largest compute) "
+                                 f"predicts the points in the top half within {MAX_HELD_OUT_ERROR:g} on average: "
+                                 "the check extrapolates as far as the forecast does.")]
+    if not any(f["weights"] == "eval problems" for f in fits["recipes"]) and fits["recipes"]:
+        blocks.append(("p", "These runs logged no eval/problems, so their points are weighted equally and the bands "
+                            "leave out the noise of the eval set."))
     if not fits["recipes"]:
         why = comparison["statement"] if comparison["skipped"] else \
             "No recipe fitted: no finished run has a recipe tag and an eval/accuracy history."
@@ -347,17 +409,21 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
     for f in fits["recipes"]:
         ci = f.get("ci", {})
         held = f["heldout"].get("mae")
+        mult = f"{f['horizon']:g}x"
         row = {"recipe": f["recipe"], "what sets it apart": f["label"], "runs": f["n_runs"],
                "points": f["n_points"], "A": f["params"]["A"],
                "A 95%": "[{:.3f}, {:.3f}]".format(*ci["A"]) if "A" in ci else "",
                "B": f["params"]["B"], "C_mid (RL FLOPs)": f["params"]["C_mid"],
-               "r2": f["r2"], "held-out error": held if held is not None else "no check",
-               "at 10x budget": f["forecast"] if f["forecast_ok"] else "withheld",
-               "next 10x gain": f["gain_next"] if f["forecast_ok"] else "withheld",
+               "r2": f["r2"], "largest run (RL FLOPs)": f["largest_x"],
+               f"held-out error ({mult} check)": held if held is not None else "no check",
+               f"forecast at {mult} its largest": f["forecast"] if f["forecast_ok"] else "withheld",
+               f"95% band at {mult}": "[{:.3f}, {:.3f}]".format(*f["forecast_band"])
+               if f["forecast_ok"] and "forecast_band" in f else "",
+               f"next {mult} gain": f["gain_next"] if f["forecast_ok"] else "withheld",
                "to A": f["to_asymptote"]}
         samples = f.get("samples", {})
         if "gain_next" in samples and samples["forecast_ok"]:
-            row["next 10x RL samples gain"] = samples["gain_next"]
+            row[f"next {samples['horizon']:g}x RL samples gain"] = samples["gain_next"]
         rows.append(row)
     blocks += [("table", pd.DataFrame(rows)), ("p", comparison["statement"])]
     taper = [f["label"] for f in fits["recipes"] if f["forecast_ok"] and f["tapering"]]
@@ -365,7 +431,8 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
     if taper or paying:
         blocks.append(("p", "Does RL keep paying? "
                             + (f"Still paying: {', '.join(paying)}. " if paying else "")
-                            + (f"Tapering off (under a point from the next 10x, or within a point of A): "
+                            + (f"Tapering off (under a point from the next {RECIPE_HORIZON:g}x of its own compute, "
+                               "or within a point of A): "
                                f"{', '.join(taper)}." if taper else "")))
     else:
         blocks.append(("p", "Does RL keep paying? Not answerable from these runs: no recipe's forecast passed its "
@@ -377,17 +444,21 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
 
 
 def _cells(df: pd.DataFrame) -> pd.DataFrame:
-    return df.map(_num).astype(str)
+    """Table cells as text; money columns (named usd) as dollars with their significant digits."""
+    return pd.DataFrame({c: df[c].map(_usd if c == "usd" else _num).astype(str) for c in df.columns})
 
 
-_MD_SPECIAL = re.compile(r"([\\`*\[\]|])")
+_MD_SPECIAL = re.compile(r"([\\`*_~\[\]|$@])")
+_MD_AUTOLINK = re.compile(r"(?<=[A-Za-z]):(?=\S)|(?<=www)\.", re.IGNORECASE)  # scheme: and www. start autolinks
 
 
 def md(text: object) -> str:
-    """Text made literal in Markdown (the one path every report.md value takes): HTML escaped, the characters that
-    make code, emphasis, links and images or end a table cell ('\\', '`', '*', '[', ']', '|') backslash-escaped,
-    one line."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).splitlines()), quote=False))
+    """Text made literal in Markdown (the one path every report.md value takes): HTML escaped; the characters that
+    make code, emphasis, strikethrough, links, images, math, mentions or e-mail links, or end a table cell ('\\',
+    '`', '*', '_', '~', '[', ']', '|', '$', '@') backslash-escaped; the ':' after a scheme (http:, mailto:) and
+    the '.' of 'www.' escaped so that no bare URL becomes a GitHub autolink; one line."""
+    text = _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).splitlines()), quote=False))
+    return _MD_AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
 
 
 def _markdown(title: str, blocks: list[Block]) -> str:
@@ -488,37 +559,51 @@ def _log_x(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]]) -> bytes:
+def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]], skipped: dict[str, str]) -> bytes:
+    """Every recipe's eval curves (fitted or not), its sigmoid and, where checked, its forecast with band."""
     fig = Figure(figsize=(9, 5.5))
     ax = fig.subplots()
-    if not recipes:
-        _empty(ax, "no recipe fitted: no finished run with a recipe tag and an eval/accuracy history")
+    drawn = curves[curves["rl_flops"] > 0] if len(curves) else curves
+    if drawn.empty:
+        _empty(ax, "no eval to draw: no finished run with a recipe tag, an eval/accuracy history and RL compute > 0")
     colors = matplotlib.colormaps["tab10"].colors
-    for f, color in zip(recipes[:10], colors):
-        runs = curves[curves["recipe"] == f["recipe"]]
+    by_recipe = {f["recipe"]: f for f in recipes}
+    order = [f["recipe"] for f in recipes] + sorted(set(drawn["recipe"]) - set(by_recipe)) if len(drawn) else []
+    for recipe, color in zip(order[:10], colors):
+        f = by_recipe.get(recipe)
+        runs = drawn[drawn["recipe"] == recipe]
+        name = f["label"] if f else recipe
         for i, (_, run) in enumerate(runs.groupby("run_id")):
-            ax.plot(run["rl_flops"], run["score"], "o-", ms=3, lw=0.6, alpha=0.5, color=color,
-                    label=f"{f['label']}: {f['n_runs']} runs" if i == 0 else None)
+            ax.plot(run["rl_flops"], run["score"], "o-", ms=4, lw=0.8, alpha=0.6, color=color,
+                    label=(f"{name}: {runs['run_id'].nunique()} run(s)" + ("" if f else ", not fitted"))
+                    if i == 0 else None)
+        if f is None:
+            continue
         p = f["params"]
         top = f["largest_x"]
         end = f["forecast_x"] if f["forecast_ok"] else top
         inside, beyond = np.geomspace(f["fitted_from"], top, 100), np.geomspace(top, end, 60)
-        ax.plot(inside, sigmoid(p.values(), inside), color=color, lw=2, label=f"{f['label']}: fit, A = {p['A']:.3f}")
+        ax.plot(inside, sigmoid(p.values(), inside), color=color, lw=2, label=f"{name}: fit, A = {p['A']:.3f}")
         if f["forecast_ok"]:
             ax.plot(beyond, sigmoid(p.values(), beyond), color=color, lw=2, ls="--")
             if "forecast_band" in f:
                 ax.errorbar([end], [f["forecast"]], yerr=[[f["forecast"] - f["forecast_band"][0]],
                                                          [f["forecast_band"][1] - f["forecast"]]],
                             color=color, capsize=4, fmt="s", ms=5)
-    if len(recipes) > 10:
-        ax.text(0.01, 0.01, f"first 10 of {len(recipes)} recipes shown", transform=ax.transAxes, fontsize=8)
-    if recipes:
+    if len(order) > 10:
+        ax.text(0.01, 0.01, f"first 10 of {len(order)} recipes shown", transform=ax.transAxes, fontsize=8)
+    unfitted = [f"{r}: {why}" for r, why in skipped.items() if r in order[:10]]
+    if unfitted:
+        ax.text(0.01, 0.99, "not fitted: " + "; ".join(unfitted), transform=ax.transAxes, fontsize=8, va="top",
+                wrap=True, color="dimgrey")
+    if order:
         _log_x(ax)
-        ax.legend(fontsize=7, loc="best", ncol=2)
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.set_ylim(-0.03, 1.03)
     ax.set(xlabel="cumulative RL compute of the run at each eval (FLOPs less SFT and evals, log scale)",
            ylabel="held-out accuracy (fraction correct)",
-           title="Recipes: eval curves, sigmoid fits, 10x forecasts (dashed, with 95% band) where checked")
+           title=f"Recipes: eval curves, sigmoid fits, forecasts at {RECIPE_HORIZON:g}x each recipe's largest run "
+                 "(dashed, 95% band) where checked")
     return _png(fig)
 
 
@@ -546,27 +631,49 @@ def _plot_cost_breakdown(cost: dict[str, Any]) -> bytes:
     splits = [("by category (runs + ledger)", {c: cost["by_category"][c] for c in CATEGORIES}),
               ("by phase (runs)", cost["by_phase"]), ("by fate (runs)", {f: cost["by_status"][f] for f in FATES})]
     for ax, (name, usd) in zip(axes, splits):
-        if usd:
-            ax.barh(list(usd), list(usd.values()), color="tab:blue")
+        if any(v > 0 for v in usd.values()):
+            bars = ax.barh(list(usd), list(usd.values()), color="tab:blue")
+            ax.bar_label(bars, labels=[_usd(v) if v else "" for v in usd.values()], fontsize=7, padding=2)
             ax.invert_yaxis()
+            ax.set_xlim(0, 1.25 * max(usd.values()))  # room for the labels
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _usd(v)))
         else:
-            _empty(ax, "no runs")
+            _empty(ax, "no runs" if not usd else "nothing cost anything")
         ax.set(xlabel="cost (US dollars)", title=f"Cost {name}")
     fig.tight_layout()
     return _png(fig)
 
 
 def _plot_spend(runs: pd.DataFrame, cost: dict[str, Any]) -> bytes:
+    """Cumulative cost of runs over time, from $0 at the first start; each run's end is a point, so one run or
+    runs within seconds show; the time axis spans the runs (an hour around them when they take no time)."""
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     spend = spend_over_time(runs).dropna(subset=["time"])
     if spend.empty:
-        _empty(ax, "no runs")
+        _empty(ax, "no runs" if runs.empty else "no run has a start or end time")
     else:
-        ax.step(spend["time"].dt.tz_convert(None), spend["cumulative_usd"], where="post", color="tab:blue")
-        fig.autofmt_xdate()
+        times = spend["time"].dt.tz_convert(None)
+        starts = runs["start_time"].dropna().dt.tz_convert(None)
+        first = min(times.min(), starts.min()) if len(starts) else times.min()
+        ax.step([first, *times], [0.0, *spend["cumulative_usd"]], where="post", color="tab:blue")
+        ax.plot(times, spend["cumulative_usd"], "o", ms=5, color="tab:blue", label="a run ends (one running: starts)")
+        ax.annotate(_usd(spend["cumulative_usd"].iloc[-1]), (times.iloc[-1], spend["cumulative_usd"].iloc[-1]),
+                    textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=8)
+        span = times.max() - first
+        pad = span * 0.05 if span > pd.Timedelta(seconds=1) else pd.Timedelta(minutes=30)
+        ax.set_xlim(first - pad, times.max() + pad)
+        top = spend["cumulative_usd"].max()
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
+        if top <= 0:
+            _empty(ax, "the runs recorded no cost ($0)")
+        locator = AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+        ax.legend(fontsize=8, loc="upper left")
     note = f" (+{_usd(cost['ledger_usd'])} undated ledger items)" if cost["ledger_items"] else ""
-    ax.set(xlabel="time a run ended (UTC)", ylabel="cumulative cost of runs (US dollars)",
+    ax.set(xlabel="time (UTC)", ylabel="cumulative cost of runs (US dollars)",
            title=f"Cumulative spend on runs{note}")
     return _png(fig)
 
@@ -580,14 +687,19 @@ def _plot_total_vs_final(cost: dict[str, Any]) -> bytes:
         if usd > 0:
             ax.bar("whole project", usd, bottom=bottom, label=category)
             bottom += usd
+    if bottom > 0:
+        ax.annotate(_usd(bottom), ("whole project", bottom), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=8)
     if cost["final_run_usd"] is None:
         ax.set_title("Whole project (no final run tagged phase=final)")
     else:
-        ax.bar("final run", cost["final_run_usd"], color="tab:gray")
+        final = ax.bar("final run", cost["final_run_usd"], color="tab:gray")
+        ax.bar_label(final, labels=[_usd(cost["final_run_usd"])], fontsize=8, padding=3)
         ratio = cost["ratio_total_to_final"]
         ax.set_title("Whole project vs final run" + (f": {ratio:.3g}x" if ratio else ""))
     if bottom > 0:
         ax.legend(fontsize=8, title="category")
+        ax.set_ylim(0, 1.12 * bottom)
     else:
         _empty(ax, "nothing cost anything")
     ax.set_ylabel("cost (US dollars)")

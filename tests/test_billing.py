@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import types
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -405,3 +406,18 @@ def test_split_trace_of_a_bare_verdict():
     assert split_trace("yes") == "" and split_trace("  No. ") == ""
     assert split_trace("Verdict: yes") == "Verdict:" and split_trace("7+5=12 no") == "7+5=12"
     assert split_trace("no verdict here") == "no verdict here"
+
+
+def test_a_cpu_run_records_the_cpu_model_not_the_architecture(tmp_path):
+    """A price table can tell CPU types apart only if the run says which CPU it ran on."""
+    import platform
+
+    from rlscale.experiments.runner import device_name
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.split(":", 1)[0].strip() == "model name"]
+    name = device_name(torch.device("cpu"))
+    assert name != platform.machine() and (not models or name == " ".join(models[0].split()))

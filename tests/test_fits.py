@@ -170,3 +170,23 @@ def test_fit_csv(tmp_path):
 
 def test_every_form_is_tested():
     assert set(FORMS) == set(TRUE) | {"chinchilla"}
+
+
+@pytest.mark.parametrize("form", ["power", "saturating", "sigmoid"])
+def test_integer_weights_count_a_point_that_many_times(form):
+    """Weighted least squares (issue 24 item 6: evals weighted by their problems): weight 3 on a point is the point
+    given three times; equal weights change nothing; chinchilla and bad weights are refused."""
+    x, y = FLOPS[::2], synthetic(form)[::2]
+    w = np.where(np.arange(len(x)) % 4 == 0, 3.0, 1.0)
+    weighted = fit(x, y, form, n_boot=0, weights=w)
+    repeated = fit(np.repeat(x, w.astype(int)), np.repeat(y, w.astype(int)), form, n_boot=0)
+    for k, v in repeated.params.items():
+        assert weighted.params[k] == pytest.approx(v, rel=1e-4), k
+    assert fit(x, y, form, n_boot=0, weights=np.full(len(x), 7.0)).params == pytest.approx(
+        fit(x, y, form, n_boot=0).params, rel=1e-6)
+    with pytest.raises(ValueError, match="weights must be finite and > 0"):
+        fit(x, y, form, weights=np.zeros(len(x)))
+    with pytest.raises(ValueError, match="one value a point"):
+        fit(x, y, form, weights=[1.0])
+    with pytest.raises(ValueError, match="not supported for the chinchilla"):
+        fit(x, np.abs(y) + 0.1, "chinchilla", x2=x, weights=w)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import re
@@ -101,6 +102,30 @@ def _number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+# issue 24 item 12: report.md keeps no link, emphasis, strikethrough, math or mention live
+LIVE = ["www.evil.example/login", "_x_ ~~y~~ __z__", "https://evil.example/a_b", "alice@evil.example",
+        "mailto:bob@evil.example", "$x^2$", "<https://evil.example>"]
+
+
+def test_report_md_keeps_links_and_emphasis_dead(cwd):
+    from markdown_it import MarkdownIt  # installed with rich
+
+    uri = _store(cwd / "mlruns", LIVE)
+    result = build_report(uri, None, None, None, cwd / "report", root=cwd / "mlruns", log_to_mlflow=False)
+    text = result.markdown.read_text()
+    page = MarkdownIt("commonmark").enable(["strikethrough", "table"]).render(text)
+    live = re.findall(r"<(?:em|strong|s|del|a|code)\b.{0,60}", page)
+    assert not live, live
+    assert set(re.findall(r"<img src=\"([^\"]*)\"", page)) == {f"plots/{p.name}" for p in result.plots.values()}
+    # GitHub also links bare www. / scheme: URLs and e-mail addresses (GFM autolinks; markdown-it here does not)
+    prose = "\n".join(line for line in text.splitlines() if not line.startswith("!["))  # not the plot images
+    assert not re.search(r"www\.|(?<!\\):(?=//)|(?<!\\)@", prose), "a live autolink"
+    assert not re.search(r"(?<!\\)[_~$]", prose), "unescaped _, ~ or $"
+    shown = re.sub(r"<[^>]+>", "", page)
+    for name in LIVE:  # every name still reads as itself once rendered
+        assert html.escape(name, quote=False) in shown, name
 
 
 # 6. the terminal: names print literally, markup and control bytes never act

@@ -17,7 +17,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from rlscale.analysis.cost import load_ledger, project_cost
-from rlscale.analysis.report import PLOTS, build_report
+from rlscale.analysis.report import PLOTS, build_report, md
 from rlscale.analysis.runs import load_runs
 from rlscale.experiments.config import load_config
 from rlscale.experiments.runner import run_experiment
@@ -89,7 +89,7 @@ def _images(page: str) -> list[bytes]:
 
 
 def _total_in(text: str) -> float:
-    return float(re.search(r"Total cost: \$([\d,.e+-]+)", text).group(1).replace(",", ""))
+    return float(re.search(r"Total cost: \\?\$([\d,.e+-]+)", text).group(1).replace(",", ""))  # \$ in report.md
 
 
 def test_every_file_and_self_contained_html(real):
@@ -122,15 +122,15 @@ def test_cost_matches_the_store_and_counts_every_fate(real):
     assert cost["ledger_items"] == 2 and cost["ledger_usd"] == 3 * 50 + 12.5
     assert cost["by_category"]["staff"] == 150 and cost["by_category"]["human_data"] == 12.5
     assert cost["total_usd"] == pytest.approx(cost["runs_usd"] + 162.5) and cost["runs_usd"] > 0
-    md = result.markdown.read_text(encoding="utf-8")
+    text = result.markdown.read_text(encoding="utf-8")
     page = result.html.read_text(encoding="utf-8")
-    assert _total_in(md) == pytest.approx(expected["total_usd"], rel=5e-3)
-    assert _total_in(page) == _total_in(md)
-    assert f"Final run cost: ${expected['final_run_usd']:.3g} (run {ids['final']})" in md
-    assert f"{expected['ratio_total_to_final']:.3g}x the final run" in md
-    assert "Runs by fate: 5 finished, 1 failed, 0 killed, 1 pruned, 0 running" in md
+    assert _total_in(text) == pytest.approx(expected["total_usd"], rel=5e-3)
+    assert _total_in(page) == _total_in(text)
+    assert md(f"Final run cost: ${expected['final_run_usd']:.3g} (run {ids['final']})") in text
+    assert f"{expected['ratio_total_to_final']:.3g}x the final run" in text
+    assert "Runs by fate: 5 finished, 1 failed, 0 killed, 1 pruned, 0 running" in text
     for word in ("staff", "human_data", "sweep-trial", "pruned"):
-        assert f"| {word} |" in md and f"<td>{word}</td>" in page
+        assert f"| {md(word)} |" in text and f"<td>{word}</td>" in page
     table = pd.read_csv(result.runs_csv)
     assert len(table) == 7 and sorted(table["fate"]) == ["failed"] + ["finished"] * 5 + ["pruned"]
 
@@ -201,7 +201,7 @@ def test_empty_store_with_a_ledger(tmp_path, monkeypatch):
     assert result.cost["total_usd"] == 162.5 and result.cost["runs"]["finished"] == 0
     assert result.fits["forms"] == {} and result.fits["n_points"] == 0
     md = result.markdown.read_text()
-    assert "Total cost: $162.50" in md and "No final run" in md and "No fits: no finished run" in md
+    assert "Total cost: \\$162.50" in md and "No final run" in md and "No fits: no finished run" in md
     assert len(_images(result.html.read_text())) == 6
     assert json.loads(result.fits_json.read_text())["best_form"] is None
     assert result.report_run_id and MlflowClient(tracking_uri(None, tmp_path / "mlruns")).get_run(
