@@ -502,7 +502,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
         m = self._metrics()
         if self.lead:
             self.tracked.on_log(state.global_step, m)
-        if self.eval_every and state.global_step % self.eval_every == 0 and state.global_step < state.max_steps:
+        if (self._has_eval() and self.eval_every and state.global_step % self.eval_every == 0
+                and state.global_step < state.max_steps):
             self._log_eval(state.global_step)
         if self._sigterm:  # checkpoint now, then stop; train() then re-raises the signal
             control.should_save = True

@@ -214,6 +214,21 @@ def test_a_score_function_that_raises_is_one_line_and_a_failed_run(tmp_path):
     assert run.data.metrics["compute/flops/eval"] > 0 and "data/samples" in run.data.metrics
 
 
+def test_a_trainer_metric_mapped_onto_the_score(tmp_path):
+    """score_metric: TRL's own evaluation (eval_reward at steps 0, 2, 4) becomes eval/accuracy; no eval of ours."""
+    cb = RLScaleCallback(root=tmp_path / "store", score_metric="eval_reward", eval_every=1, flush_seconds=0)
+    trainer, _ = tiny_grpo(tmp_path / "store", tmp_path / "out", steps=4, callback=cb, eval_strategy="steps",
+                           eval_steps=2, eval_on_start=True, per_device_eval_batch_size=16)
+    trainer.train()
+    [run] = runs(tmp_path / "store")
+    m = run.data.metrics
+    steps = [s for s, _ in history(tmp_path / "store", run.info.run_id, "eval/accuracy")]
+    assert run.info.status == "FINISHED" and steps == [0, 2, 4]
+    assert m["eval/sft_accuracy"] == history(tmp_path / "store", run.info.run_id, "eval_reward")[0][1]
+    assert m["eval/rl_gain"] == pytest.approx(m["eval/accuracy"] - m["eval/sft_accuracy"])
+    assert m["compute/flops/eval"] > 0  # TRL's own evaluation generates: its FLOPs are eval's
+
+
 def test_bad_callback_arguments_are_one_line(tmp_path):
     with pytest.raises(TrackerError, match="score= and eval_dataset= go together"):
         RLScaleCallback(score=lambda **kw: [1.0])
