@@ -51,10 +51,10 @@ def tiny_grpo(store: Path, out: Path, steps: int = 4, *, callback: RLScaleCallba
     callback = callback or RLScaleCallback(experiment="trl", root=store, task=TASK, eval_problems=16,
                                            eval_max_new_tokens=6, flush_seconds=0)
     prompts = list(problems)
+    held_out = None if args.eval_strategy == "no" else Dataset.from_dict({"prompt": prompts[:8]})
     trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-                          eval_dataset=None if args.eval_strategy == "no" else Dataset.from_dict({"prompt": prompts[:8]}),
-                          callbacks=[callback])
+                          eval_dataset=held_out, callbacks=[callback])
     return trainer, callback
 
 
