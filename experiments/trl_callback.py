@@ -435,6 +435,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
         else:  # logits kept for the completion and the position before it
             completion = mask[:, T - kept + 1 :].sum(1).double() if kept < T else mask[:, 1:].sum(1).double()
         self.meter.count(tokens_trained=int(completion.sum()))
+        if self.grad_phase == "sft":  # supervised rows: each is a problem seen once per pass
+            self.meter.count(problems=B)
         if self.vllm and self.grad_phase == "policy":  # generation unseen: count it from the batch trained on
             prompt = mask.sum(1).double() - completion
             steps = (completion - 1).clamp(min=0)  # decode steps after the prefill's first token

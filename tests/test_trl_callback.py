@@ -229,6 +229,27 @@ def test_a_trainer_metric_mapped_onto_the_score(tmp_path):
     assert m["compute/flops/eval"] > 0  # TRL's own evaluation generates: its FLOPs are eval's
 
 
+def test_any_transformers_trainer_sft_is_tracked_as_sft(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlscale.rl.model import ModelConfig, load_model
+
+    model, tok = load_model(ModelConfig(size="nano", attn_implementation="eager"))
+    ds = Dataset.from_dict({"text": [f"{a:02d}+{b:02d}={a + b:03d}" for a in range(10) for b in range(10)]})
+    cb = RLScaleCallback(root=tmp_path / "store", flush_seconds=0)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, use_cpu=True,
+                     bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, max_length=32)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    with flop_counter() as fc:
+        trainer.train()
+    [run] = runs(tmp_path / "store")
+    m, t = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and t["phase"] == "sft" and t["trainer.class"] == "SFTTrainer"
+    assert m["compute/flops"] == m["compute/flops/sft"] == pytest.approx(fc.get_total_flops(), rel=0.05)
+    assert m["data/problems"] == 3 * 8 and m["data/tokens/trained"] > 0 and t["flops.rollout"] == "none"
+
+
 def test_bad_callback_arguments_are_one_line(tmp_path):
     with pytest.raises(TrackerError, match="score= and eval_dataset= go together"):
         RLScaleCallback(score=lambda **kw: [1.0])
