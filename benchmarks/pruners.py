@@ -15,6 +15,7 @@ import json
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -65,11 +66,27 @@ class Quiet:
         pass
 
 
+OWN = ("sweep.toml", "out", "mlruns")  # what a sweep of this script writes into its folder (the study is in mlruns/)
+
+
+def clear(folder: Path) -> None:
+    """Remove an earlier sweep of this script from `folder`: only what it writes, and only from a folder that holds
+    nothing else (a user's folder given as --root is refused, never emptied)."""
+    if not folder.exists():
+        return
+    other = sorted(p.name for p in folder.iterdir() if p.name not in OWN or p.is_symlink())
+    if folder.is_symlink() or other:
+        sys.exit(f"{folder}: holds {', '.join(other) or 'a link'}, not written by this benchmark; use another --root")
+    for name in OWN:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def sweep(pruner: str, trials: int, steps: int, root: Path, fresh: bool) -> dict:
     """One sweep (resumed where its study already is, unless `fresh`); wall time from the trials' own clocks."""
     folder = root / pruner
     if fresh:
-        shutil.rmtree(folder, ignore_errors=True)
+        clear(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config_for(pruner, trials, steps, folder)
     study = run_sweep(str(config), [], workers=1)

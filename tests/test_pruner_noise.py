@@ -4,6 +4,8 @@ clear loser. The README's pruner paragraph states these rates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import optuna
 import pytest
@@ -65,3 +67,21 @@ def test_a_clear_loser_is_still_pruned(setup, least):
     rate = prune_rate(setup, "flat", BEST - 0.2, sims=300)
     print(f"prune rate of a trial 0.2 worse, {setup} sizes: {rate:.3f}")
     assert rate >= least
+
+
+def test_the_pruner_benchmark_never_empties_a_folder_it_did_not_write(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pruners_bench", Path(__file__).parents[1] / "benchmarks/pruners.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mine = tmp_path / "median"
+    (mine / "mlruns").mkdir(parents=True)
+    (mine / "sweep.toml").write_text("x")
+    bench.clear(mine)
+    assert mine.is_dir() and not any(mine.iterdir())
+    (mine / "notes.txt").write_text("the user's")
+    (mine / "mlruns").mkdir()
+    with pytest.raises(SystemExit, match="notes.txt"):
+        bench.clear(mine)
+    assert (mine / "notes.txt").read_text() == "the user's" and (mine / "mlruns").is_dir()
