@@ -211,7 +211,7 @@ def test_energy_read_by_uuid(monkeypatch):
 
 RANKS_SCRIPT = """
 import atexit, os, sys, types, json, torch
-atexit.register(lambda: print("group left:", not torch.distributed.is_initialized()))  # runs after setup's own
+atexit.register(lambda: os.write(1, f"group left: {not torch.distributed.is_initialized()}\\n".encode()))  # one write, atomic on a pipe
 counters = {}
 sys.modules["pynvml"] = types.SimpleNamespace(
     nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=lambda u: u,
