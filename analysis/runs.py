@@ -60,6 +60,34 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, *, p
                 runs += _all_pages(client.search_runs, experiment_ids=list(names), filter_string=where)
     except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise _store_error(uri, e) from None
+    return _frame(runs, names)
+
+
+def load_run_ids(run_ids: list[str], uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
+    """The named runs (whatever their experiment; deleted or absent ones left out) as load_runs rows: the ancestors
+    a lineage names outside the experiments a report reads."""
+    if not run_ids:
+        return pd.DataFrame(columns=CORE_COLUMNS)
+    uri = tracking_uri(uri, Path(root))
+    try:
+        probe_database(uri)
+        client = MlflowClient(uri)
+        runs = []
+        for run_id in dict.fromkeys(run_ids):
+            try:
+                run = client.get_run(run_id)
+            except MlflowException:  # not in this store
+                continue
+            if run.info.lifecycle_stage == "active":
+                runs.append(run)
+        names = {i: client.get_experiment(i).name for i in {r.info.experiment_id for r in runs}}
+    except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
+        raise _store_error(uri, e) from None
+    return _frame(runs, names)
+
+
+def _frame(runs: list, names: dict[str, str]) -> pd.DataFrame:
+    """MLflow runs as one table: core columns, tags, params and each metric's last value, oldest first."""
     rows = [r.data.metrics | {f"tags.{k}": v for k, v in r.data.tags.items()}
             | {f"params.{k}": v for k, v in r.data.params.items()} | _core(r, names) for r in runs]
     df = pd.DataFrame(rows)
@@ -80,6 +108,39 @@ def metric_history(run_id: str, key: str, uri: str | None = None, root: str | Pa
     df = pd.DataFrame([(m.step, m.timestamp, m.value) for m in history], columns=["step", "timestamp", "value"])
     df["timestamp"] = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
     return df.sort_values(["step", "timestamp"], kind="stable", ignore_index=True)
+
+
+HISTORY_COLUMNS = ["run_id", "key", "step", "timestamp", "value"]
+BULK_RUNS = 500  # run ids in one bulk history query (SQLite takes at least 999 bound variables)
+
+
+def metric_histories(run_ids: list[str], keys: list[str] | tuple[str, ...], uri: str | None = None,
+                     root: str | Path = "mlruns") -> pd.DataFrame:
+    """Every logged value of each metric in `keys` of each run, read in bulk: run_id, key, step, timestamp (UTC) and
+    value, in run, key, step and timestamp order. On a SQL store (SQLite, PostgreSQL, ...) one query per key and
+    BULK_RUNS runs; on another store (a tracking server) one call per run and key, with one client."""
+    ids = list(dict.fromkeys(run_ids))
+    rows: list[tuple] = []
+    if ids and keys:  # nothing to read: the store is left as it is (an embedded one is not even created)
+        uri = tracking_uri(uri, Path(root))
+        try:
+            probe_database(uri)
+            client = MlflowClient(uri)
+            bulk = getattr(client._tracking_client.store, "get_metric_history_bulk", None)
+            for key in keys:
+                for i in range(0, len(ids), BULK_RUNS):
+                    chunk = ids[i:i + BULK_RUNS]
+                    if bulk is not None:
+                        rows += [(m.run_id, key, m.step, m.timestamp, m.value)
+                                 for m in bulk(chunk, key, max_results=2**62)]
+                    else:
+                        rows += [(rid, key, m.step, m.timestamp, m.value)
+                                 for rid in chunk for m in client.get_metric_history(rid, key)]
+        except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
+            raise _store_error(uri, e) from None
+    df = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    df["timestamp"] = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
+    return df.sort_values(["run_id", "key", "step", "timestamp"], kind="stable", ignore_index=True)
 
 
 def _core(run, names: dict[str, str]) -> dict:

@@ -95,7 +95,8 @@ class ExperimentConfig(PipelineConfig):
 
 
 SCALE_KNOBS = ("name", "seed", "output_dir", "tracking", "sweep", "grid", "sft.steps", "grpo.steps", "grpo.eval_every",
-               "grpo.eval_problems", "grpo.checkpoint_every", "eval.problems", "eval.samples", "eval.batch_size")
+               "grpo.eval_problems", "grpo.checkpoint_every", "eval.problems", "eval.samples", "eval.batch_size",
+               "model.pretrain_tokens", "model.pretrain_flops", "model.pretrain_usd", "model.pretrain_source")
 
 
 def recipe_of(cfg: ExperimentConfig) -> str:

@@ -38,7 +38,8 @@ def grid_points(config: str, overrides: list[str]) -> list[GridPoint]:
     for combo in itertools.product(*base.grid.axes.values()):
         values = dict(zip(keys, combo))
         cfg = load_config(config, overrides, values)
-        ident = json.dumps(cfg.model_dump(exclude={"tracking", "output_dir", "sweep", "grid"}), sort_keys=True)
+        ident = json.dumps(cfg.model_dump(exclude={"tracking": True, "output_dir": True, "sweep": True, "grid": True,
+                                                   "sft": {"reuse"}}), sort_keys=True)  # shared or not: same point
         pid = hashlib.sha256(ident.encode()).hexdigest()[:12]
         cfg = cfg.model_copy(update={"output_dir": f"{base.output_dir}/grid/{pid}"})
         points.append(GridPoint(values, cfg, pid))

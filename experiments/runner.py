@@ -18,13 +18,24 @@ from typing import Any
 import torch
 
 from rlscale.experiments.config import ExperimentConfig, recipe_of
+from rlscale.experiments.pretraining import pretraining
+from rlscale.experiments.warmstart import (
+    POLL_SECONDS,
+    WarmStart,
+    abandon,
+    claim,
+    find,
+    local_model,
+    sft_key,
+    work_dir,
+)
 from rlscale.rl.accounting import Callback, cpu_devices
 from rlscale.rl.checkpoint import latest_checkpoint
 from rlscale.rl.model import pick_device
 from rlscale.rl.pipeline import RunResult, check_inputs, run_pipeline
 from rlscale.rl.tasks import Problem, Task
 from rlscale.tracking.cost import device_key, load_price_table
-from rlscale.tracking.run import TrackedRun, flatten, git_info, masked, open_client, safe_uri
+from rlscale.tracking.run import TrackedRun, experiment_id, flatten, git_info, masked, open_client, safe_uri
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +69,17 @@ def run_experiment(
     pruned_on: tuple[type[BaseException], ...] = (),
     run_name: str | None = None,
     device_share: float = 1.0,
+    sft_only: bool = False,
+    claimed: str | None = None,
 ) -> RunResult:
     """Train `cfg`; with tracking on, the run, its metrics, cost and fate go to MLflow.
 
     `tags` and `params` are added to the run's own (a sweep trial's parent and trial number, grid coordinates);
     an exception of a `pruned_on` type marks the run pruned. `device_share` is the part of its GPU the run is
-    billed for (1/k when k sweep workers share one). The bill runs from this call to the run's end."""
+    billed for (1/k when k sweep workers share one). With `sft.reuse` (and tracking, one process), RL starts from
+    the shared SFT of the same inputs, trained first as its own run when the store has none (`warm_start`): the
+    run is billed from then to its end, for its own work; `compute/flops/lineage` and `cost/usd_lineage` add the
+    SFT's. `sft_only` trains just the SFT, into the run `claimed` (created by the warm start's claim)."""
     started = time.perf_counter()
     task, eval_problems = check_inputs(cfg)  # bad input stops here, before a run exists in the store
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun only rank 0 writes to MLflow
@@ -76,6 +92,13 @@ def run_experiment(
     name = device_name(device)
     price_key = device_key(device.type, name, table, cfg.tracking.price_key)  # an unknown GPU stops here
     held = world * (device_share if cuda else cpu_devices())  # what the run is billed for, every second
+    client = open_client(cfg.tracking.uri, root)
+    warm, ancestors = None, {}
+    if cfg.sft.reuse and world == 1 and not sft_only:
+        warm = warm_start(cfg, client, progress, device_share)
+        ancestors = {"compute/flops": warm.metrics.get("compute/flops/lineage", warm.metrics.get("compute/flops", 0.0)),
+                     "cost/usd": warm.metrics.get("cost/usd_lineage", warm.metrics.get("cost/usd", 0.0))}
+        started = time.perf_counter()  # the SFT run billed its own time; waiting for another worker's is idle
     commit, _ = git_info()
     tags = {
         "mlflow.source.name": safe_uri(shlex.join(["rlscale" if Path(sys.argv[0]).name == "rlscale" else sys.argv[0],
@@ -86,7 +109,10 @@ def run_experiment(
         "device.count": f"{held:g}", "device.share": f"{device_share:g}", "world_size": str(world),
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
     } | (tags or {})
-    client = open_client(cfg.tracking.uri, root)
+    if sft_only:  # a shared SFT is no recipe's point: its score is the start of each RL run's curve
+        tags.pop("recipe")
+    if warm is not None:
+        tags |= {"sft.run_id": warm.run_id, "sft.key": warm.key, "sft.waited_seconds": f"{warm.waited_seconds:.1f}"}
     run_name = run_name or f"{cfg.model.name}-{cfg.task.name}-s{cfg.seed}"
     # a run resumed from a checkpoint continues the MLflow run that wrote it (no step is counted twice)
     id_file = Path(cfg.output_dir) / "mlflow_run_id"
@@ -97,36 +123,78 @@ def run_experiment(
         log.warning("the checkpoint in %s belongs to run %s, which is not in the store %s: the resumed training is "
                     "recorded as a new run there", cfg.output_dir, resume_id, safe_uri(client.tracking_uri))
         resume_id = None
-    run_params = flatten(cfg.model_dump(exclude={"sweep", "grid"})) | (params or {})
+    left_out = {"sweep", "grid", "grpo"} if sft_only else {"sweep", "grid"}  # a shared SFT has no RL settings
+    run_params = flatten(cfg.model_dump(exclude=left_out)) | (params or {})
     prices = {k: e.usd_per_hour for k, e in table.items()}
     with TrackedRun(client, cfg.name, run_name, tags, run_params, price_key, prices, cfg.tracking.flush_seconds,
-                    root, resume_run_id=resume_id, devices=held, system_metrics=cfg.tracking.system_metrics,
-                    pruned_on=pruned_on) as tracked:
+                    root, resume_run_id=claimed or resume_id, devices=held, system_metrics=cfg.tracking.system_metrics,
+                    pruned_on=pruned_on, joined=claimed is not None, ancestors=ancestors) as tracked:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracked.run_id)
-        tracked.log_dict(masked(cfg.model_dump(mode="json", exclude={"sweep", "grid"})), "config.json")
+        tracked.log_dict(masked(cfg.model_dump(mode="json", exclude=left_out)), "config.json")
         train_set, eval_set = problem_sets(cfg, task, eval_problems)
         tracked.log_dataset(train_set, "train")
         tracked.log_dataset(eval_set, "eval")
         tracked.summary = f"{cfg.task.name} on {cfg.model.name}"
         try:
             result = run_pipeline(cfg, Fanout(progress, tracked), resume=resume, started=started,
-                                  device_share=device_share)
+                                  device_share=device_share, warm_start=warm and warm.folder, sft_only=sft_only)
+            if sft_only:  # the model travels with its run: any machine on this store can start from it
+                tracked.log_artifacts(result.model_dir, "sft")
         finally:  # a failed or killed run's checkpoint is what a resume needs: keep it with the run
             ckpt = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
             if cfg.tracking.log_checkpoints and ckpt is not None:
                 tracked.log_artifacts(ckpt[2], f"checkpoints/{ckpt[2].name}")
-        tracked.set_tag("model.params", result.n_params)
-        tracked.set_tag("model.trainable_params", result.trainable_params)
+        tracked.set_tags({"model.params": result.n_params, "model.trainable_params": result.trainable_params})
+        if (pretrained := pretraining(cfg.model, result.n_params)) is not None:  # the model's first ancestor
+            tracked.on_log(int(result.metrics.get("eval/sft_steps", 0)) + (0 if sft_only else cfg.grpo.steps),
+                           pretrained["metrics"])
+            tracked.set_tags(pretrained["tags"])
         tracked.log_dict({"rows": result.eval_table}, "eval_samples.json")
-        if cfg.tracking.log_model and result.model_dir:  # an MLflow LoggedModel, its held-out scores linked to it
+        if cfg.tracking.log_model and result.model_dir and not sft_only:  # a LoggedModel, its scores linked to it
             scores = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
             tracked.log_model(result.model_dir, "model", int(result.metrics.get("eval/sft_steps", 0))
                               + cfg.grpo.steps, scores, eval_set,
                               params={"model.params": str(result.n_params), "task": cfg.task.name},
                               tags={"recipe.model": cfg.model.name, "lora": str(cfg.model.lora is not None).lower()})
     result.run_id = tracked.run_id
+    result.metrics |= {k: v for k, v in tracked.last.items() if k.startswith(("cost/", "compute/flops/lineage"))}
     return result
+
+
+def warm_start(cfg: ExperimentConfig, client, progress: Callback, device_share: float = 1.0) -> WarmStart:
+    """The shared SFT `cfg` starts from: the store's finished one with the same key, else trained now as its own run
+    (phase `sft`), or waited for while another worker trains it."""
+    root = Path(cfg.tracking.root)
+    key = sft_key(cfg)
+    exp_id = experiment_id(client, cfg.name, root)
+    since, waiting = time.monotonic(), None
+    while True:
+        done, live = find(client, exp_id, key)
+        if done is not None:
+            return WarmStart(done.info.run_id, key, local_model(client, root, done), done.data.metrics,
+                             time.monotonic() - since)
+        if live is not None:
+            if waiting != live.info.run_id:
+                log.info("waiting for SFT run %s (host %s), which trains the same warm start", live.info.run_id,
+                         live.data.tags.get("sft.host"))
+                waiting = live.info.run_id
+            time.sleep(POLL_SECONDS)
+            continue
+        run_id = claim(client, exp_id, key, f"sft-{cfg.model.name}-{cfg.task.name}-s{cfg.seed}")
+        if run_id is None:
+            continue
+        sft_cfg = cfg.model_copy(update={
+            "output_dir": str(work_dir(root, key, run_id)),
+            "tracking": cfg.tracking.model_copy(update={"phase": "sft"})})
+        try:
+            result = run_experiment(sft_cfg, progress, resume=False, run_name=f"sft-{key[:8]}",
+                                    device_share=device_share, sft_only=True, claimed=run_id)
+        except BaseException:
+            abandon(client, run_id)
+            raise
+        # its own: used as trained (the store may be down now, the run's end spooled), never read back
+        return WarmStart(run_id, key, Path(result.model_dir), result.metrics, 0.0)
 
 
 def problem_sets(cfg: ExperimentConfig, task: Task, eval_problems: list[Problem]) -> tuple[dict, dict]:

@@ -359,3 +359,128 @@ def run_sweep(config: str, overrides: list[str], trials: int | None = None, work
     finally:
         finish_parent(client, parent_id, study, cfg.sweep.metric, status)
     return study
+
+
+@dataclass
+class BestTrial:
+    """A sweep's best complete trial, as its MLflow runs record it: what `rlscale train --from-sweep` trains."""
+
+    parent_run_id: str
+    study: str
+    experiment: str  # the experiment the sweep ran in
+    number: int
+    run_id: str  # the trial's own MLflow run
+    metric: str
+    direction: str
+    value: float
+    values: dict[str, Any]  # config key -> the value the trial trained with, typed as the config reads it
+    running: bool  # the parent run is RUNNING: a sweep under way, or one killed before it ended
+
+
+def best_trial(client: MlflowClient, ref: str, experiment: str,
+               space: dict[str, SearchDim] | None = None) -> BestTrial:
+    """The best complete trial of a sweep: `ref` is its parent run id, or its study name (the parent run of that study
+    in `experiment`). Any problem (no such sweep, no complete trial) is a one-line ValueError.
+
+    Read from the MLflow store, not the Optuna storage: the store is the one the new run is written to anyway, while
+    the storage may be a journal path relative to another directory, an RDB URL whose password the parent's tag
+    masks, or a `--storage` given to the sweep only; and the trial's run id comes from the store in any case. The
+    best trial is the one the study chose, as `finish_parent` tagged it (`best.trial`) when the sweep ended; for a
+    sweep still RUNNING (or killed) it is the best FINISHED, unpruned child run by the sweep's metric (its final-eval
+    value, the trial's objective) and direction, ties to the lowest trial number as in Optuna. Values are the
+    trial's `trial.<key>` params, typed by the search dimension in `space` (the config's), else read as TOML
+    literals: a float exactly as sampled (str of a float round-trips), an int as an int."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    from rlscale.experiments.config import parse_value
+
+    what = f"--from-sweep {ref!r}"
+    parent = None
+    try:
+        parent = client.get_run(ref)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    if parent is not None and parent.info.lifecycle_stage == "deleted":
+        raise ValueError(f"{what}: that run is deleted")
+    if parent is not None and not (parent.data.tags.get("phase") == "sweep" and "optuna.study" in parent.data.tags):
+        tags = parent.data.tags
+        if "optuna.trial" in tags and "mlflow.parentRunId" in tags:
+            raise ValueError(f"{what}: that run is trial {tags['optuna.trial']} of study {tags.get('optuna.study')!r},"
+                             f" not a sweep: pass its parent run {tags['mlflow.parentRunId']} or the study name")
+        raise ValueError(f"{what}: run {ref} is not a sweep's parent run (no phase=sweep and optuna.study tags)")
+    if parent is None:
+        exp = client.get_experiment_by_name(experiment)
+        found, token = [], None
+        while exp is not None:
+            page = client.search_runs([exp.experiment_id], "tags.phase = 'sweep'", ViewType.ACTIVE_ONLY,
+                                      max_results=1000, page_token=token)
+            found += [r for r in page if r.data.tags.get("optuna.study") == ref]
+            token = page.token
+            if not token:
+                break
+        if not found:
+            raise ValueError(f"{what}: no sweep parent run with this id, and no study of this name in experiment "
+                             f"{experiment!r}")
+        if len(found) > 1:
+            raise ValueError(f"{what}: {len(found)} sweeps of this study name in experiment {experiment!r} (parent "
+                             f"runs {', '.join(r.info.run_id for r in found)}): pass one parent run id")
+        parent = found[0]
+    pid, tags = parent.info.run_id, parent.data.tags
+    study, metric = tags["optuna.study"], tags.get("sweep.metric", "eval/accuracy")
+    direction = tags.get("sweep.direction", "maximize")
+    children, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'",
+                                  ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        children += [r for r in page if r.data.tags.get("optuna.trial", "").isdigit()]
+        token = page.token
+        if not token:
+            break
+
+    def fate(r) -> str:
+        if r.data.tags.get("pruned") == "true":
+            return "pruned"
+        value = r.data.metrics.get(metric)
+        if r.info.status == "FINISHED":
+            return "complete" if value is not None and value == value else f"without {metric}"
+        return r.info.status.lower()
+
+    complete = {int(r.data.tags["optuna.trial"]): r for r in children if fate(r) == "complete"}
+    if not complete:
+        counts: dict[str, int] = {}
+        for r in children:
+            counts[fate(r)] = counts.get(fate(r), 0) + 1
+        states = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no trial run"
+        raise ValueError(f"{what}: sweep {study!r} (parent run {pid}) has no complete trial ({states}): nothing to "
+                         f"train from")
+    running = parent.info.status == "RUNNING"
+    tagged = tags.get("best.trial", "")
+    if not running and tagged.isdigit() and int(tagged) in complete:
+        number = int(tagged)
+    else:
+        sign = -1.0 if direction == "maximize" else 1.0
+        number = min(complete, key=lambda n: (sign * complete[n].data.metrics[metric], n))
+    best = complete[number]
+
+    def typed(key: str, text: str) -> Any:
+        dim = (space or {}).get(key)
+        try:
+            if dim is not None and dim.type == "float":
+                return float(text)
+            if dim is not None and dim.type == "int":
+                return int(text)
+        except ValueError:
+            pass
+        if dim is not None and dim.type == "categorical":
+            match = [c for c in dim.choices or [] if str(c) == text]
+            if match:
+                return match[0]
+        return parse_value(text)
+
+    values = {k.removeprefix("trial."): typed(k.removeprefix("trial."), v) for k, v in best.data.params.items()
+              if k.startswith("trial.") and k != "trial.number"}
+    exp_name = client.get_experiment(parent.info.experiment_id).name
+    return BestTrial(pid, study, exp_name, number, best.info.run_id, metric, direction,
+                     float(best.data.metrics[metric]), values, running)

@@ -55,6 +55,10 @@ class LoraConfig(BaseModel):
     )
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
 class ModelConfig(BaseModel):
     """Which model to train: a tiny Llama built from a size name or width/depth, or a local HF directory."""
 
@@ -75,6 +79,22 @@ class ModelConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' is bf16 on a GPU that supports it, else float32."
     )
+    # Declarations about the base model, not training knobs: left out of dumps while unset (params, grid point ids
+    # and recipe hashes stay as they were) and out of recipe hashes when set (SCALE_KNOBS).
+    pretrain_tokens: int | None = Field(
+        None, gt=0, le=2**63 - 1, exclude_if=_unset, description="Tokens the base model was pretrained on (D in 6ND)."
+    )
+    pretrain_flops: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False, exclude_if=_unset,
+        description="Declared pretraining FLOPs (overrides 6 * params * tokens).",
+    )
+    pretrain_usd: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False, exclude_if=_unset, description="Declared pretraining cost in USD."
+    )
+    pretrain_source: str | None = Field(
+        None, min_length=1, exclude_if=_unset,
+        description="Where the pretrain_* numbers come from: a URL or citation (required with any of them).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -86,6 +106,13 @@ class ModelConfig(BaseModel):
             heads = self.heads or max(2, self.width // 32)
             if self.width % heads:
                 raise ValueError(f"model.width {self.width} is not divisible by {heads} heads")
+        declared = [k for k in ("pretrain_tokens", "pretrain_flops", "pretrain_usd") if getattr(self, k) is not None]
+        if declared and not (self.pretrain_source or "").strip():
+            raise ValueError(f"model.{declared[0]} needs model.pretrain_source (a URL or citation for the number)")
+        if declared and self.pretrain_tokens is None and self.pretrain_flops is None:
+            raise ValueError("model.pretrain_usd needs model.pretrain_tokens or model.pretrain_flops")
+        if self.pretrain_source is not None and not declared:
+            raise ValueError("model.pretrain_source declares nothing without model.pretrain_tokens or pretrain_flops")
         return self
 
     @property

@@ -126,11 +126,13 @@ def check_inputs(cfg: PipelineConfig) -> tuple[Task, list[Problem]]:
 
 
 def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *, started: float | None = None,
-                 device_share: float = 1.0) -> RunResult:
+                 device_share: float = 1.0, warm_start: Path | None = None, sft_only: bool = False) -> RunResult:
     """SFT then GRPO with self-verification, evaluated before and after RL; resumes from checkpoints.
 
-    Compute is billed from `started` (a `time.perf_counter()` value; default: now) to the end: the run holds
-    its vCPUs on a CPU, `device_share` of its GPU on a GPU (1/k when k runs share one)."""
+    `warm_start` is a finished SFT's folder (its merged model and `eval.json`): RL starts from it and SFT is not
+    trained, so the run's compute is its own RL and evals. `sft_only` stops after SFT, its model saved in
+    `<output_dir>/sft`. Compute is billed from `started` (a `time.perf_counter()` value; default: now) to the end:
+    the run holds its vCPUs on a CPU, `device_share` of its GPU on a GPU (1/k when k runs share one)."""
     started = time.perf_counter() if started is None else started
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -140,18 +142,19 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
     if not resume:
         clear_checkpoints(ckpt_dir)
     found = latest_checkpoint(ckpt_dir)
-    sft_dir = out / "sft"
-    rl_resume_lora = cfg.model.lora is not None and found is not None and found[0] == "rl"
-    try:  # LoRA resuming RL: the adapters are in the checkpoint, the SFT weights (merged) in sft_dir
-        model_cfg = cfg.model.model_copy(update={"path": str(sft_dir)}) if rl_resume_lora else cfg.model
+    sft_dir = Path(warm_start) if warm_start is not None else out / "sft"
+    # a warm start, or LoRA resuming RL (the adapters are in the checkpoint): the SFT weights (merged) from sft_dir
+    from_sft = warm_start is not None or cfg.model.lora is not None and found is not None and found[0] == "rl"
+    try:
+        model_cfg = cfg.model.model_copy(update={"path": str(sft_dir)}) if from_sft else cfg.model
         model, tokenizer = load_model(model_cfg, seed=cfg.seed)
         task = for_model(base_task, tokenizer)  # chat prompts for an instruct model's template
         eval_problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
     except (ValueError, OSError) as e:
         raise InputError(str(e).splitlines()[0]) from e
     n_params = count_params(model)
-    if cfg.model.lora is not None:
-        model = add_lora(model, cfg.model.lora, seed=cfg.seed)
+    if cfg.model.lora is not None:  # SFT's adapters, or RL's on top of the merged SFT weights
+        model = add_lora(model, cfg.model.lora, seed=cfg.seed + from_sft)
     n_trainable = count_params(model, trainable=True)
     device = next(model.parameters()).device
     distributed.setup(device)  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
@@ -170,8 +173,8 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
         model.train()
         return metrics, table
 
-    # 1. cold-start SFT (skipped when an RL checkpoint exists: its weights already include it)
-    if found is None or found[0] == "sft":
+    # 1. cold-start SFT (skipped from a warm start, or when an RL checkpoint exists: its weights include it)
+    if warm_start is None and (found is None or found[0] == "sft"):
         check_problems = task.problems(cfg.sft.check_problems, "train", seed=-cfg.seed - 10**9)  # no eval leakage
 
         def train_accuracy() -> float:
@@ -182,17 +185,21 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
 
         sft_steps = train_sft(model, tokenizer, task, cfg.sft, seed=cfg.seed, meter=meter, callback=callback,
                               ckpt_dir=ckpt_dir, accuracy=train_accuracy)
-        sft_metrics, _ = run_eval(eval_problems, sft_steps)
+        sft_metrics, sft_table = run_eval(eval_problems, sft_steps)
         sft_metrics["eval/sft_steps"] = float(sft_steps)
         callback.on_log(sft_steps, sft_metrics | meter.metrics())
         model = merge_lora(model)  # LoRA: the SFT adapters folded into the weights; RL trains fresh ones on top
         if lead:  # the SFT model and its eval in one folder, published whole
             _save_atomic(model, tokenizer, sft_dir, {"eval.json": json.dumps(sft_metrics)})
+        distributed.barrier()
+        if sft_only:
+            return RunResult(sft_metrics | meter.metrics(), sft_metrics, sft_table, sft_dir, n_params, n_trainable)
         if cfg.model.lora is not None:
             model = add_lora(model, cfg.model.lora, seed=cfg.seed + 1)
-        distributed.barrier()
     else:
         sft_metrics = json.loads((sft_dir / "eval.json").read_text())
+        if warm_start is not None and found is None:  # the curve starts at the SFT model's score, none of its compute
+            callback.on_log(int(sft_metrics["eval/sft_steps"]), sft_metrics | meter.metrics())
     sft_steps = int(sft_metrics["eval/sft_steps"])
 
     # 2. GRPO from the SFT checkpoint, against a frozen copy of it when beta > 0 (with LoRA: the same weights

@@ -35,6 +35,10 @@ class SFTConfig(BaseModel):
         0.3, ge=0.0, le=1.0, description="Share of verification examples showing a correct answer (the rest wrong)."
     )
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+    reuse: bool = Field(
+        True, description="Start from a finished SFT with the same inputs (model, data, SFT and eval config, seed, "
+        "code) when there is one, else train it once for every run that needs it (needs tracking)."
+    )
     target_accuracy: float | None = Field(
         None, gt=0.0, le=1.0, description="Stop early once greedy accuracy on training-split problems reaches this."
     )

@@ -211,7 +211,8 @@ def test_energy_read_by_uuid(monkeypatch):
 
 RANKS_SCRIPT = """
 import atexit, os, sys, types, json, torch
-atexit.register(lambda: os.write(1, f"group left: {not torch.distributed.is_initialized()}\\n".encode()))  # one write, atomic on a pipe
+# each exit line is one write (atomic on a pipe), after setup's own exit handler
+atexit.register(lambda: os.write(1, f"group left: {not torch.distributed.is_initialized()}\\n".encode()))
 counters = {}
 sys.modules["pynvml"] = types.SimpleNamespace(
     nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=lambda u: u,
@@ -304,6 +305,7 @@ digits = 1
 eval_percent = 30
 [sft]
 steps = 2
+reuse = false
 [grpo]
 steps = 2
 prompts_per_step = 2
@@ -351,7 +353,8 @@ def test_whole_wall_time_is_billed(tmp_path, recorder, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t0 = time.time()
     cfg = load_config(None, [
-        "name=billed", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=3", "grpo.steps=2",
+        "name=billed", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=3", "sft.reuse=false",
+        "grpo.steps=2",
         "grpo.prompts_per_step=4", "grpo.num_generations=2", "grpo.max_new_tokens=3", "grpo.self_verify=false",
         "eval.problems=4", "eval.samples=2", "eval.max_new_tokens=3", "tracking.log_model=true",
         f"output_dir={tmp_path / 'out'}", f"tracking.root={tmp_path / 'mlruns'}",

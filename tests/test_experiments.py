@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from tiny import write_tiny
 from typer.testing import CliRunner
 
 from rlscale.experiments.cli import app
@@ -22,32 +23,6 @@ from rlscale.experiments.sweep import run_sweep
 from rlscale.tracking.run import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-name = "{name}"
-output_dir = "{tmp}/out"
-[model]
-size = "nano"
-[task]
-digits = 1
-eval_percent = 30
-[sft]
-steps = 4
-[grpo]
-steps = 3
-prompts_per_step = 2
-num_generations = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-eval_every = 1
-eval_problems = 4
-[eval]
-problems = 4
-samples = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-[tracking]
-root = "{tmp}/mlruns"
-"""
 SWEEP = """
 [sweep]
 trials = 4
@@ -64,9 +39,7 @@ choices = [2, 4]
 
 
 def _write(tmp_path: Path, text: str, name: str = "exp") -> str:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, tmp=tmp_path.as_posix()) + text)
-    return str(path)
+    return write_tiny(tmp_path, name, text)
 
 
 def _runs(tmp_path: Path, experiment: str) -> list:
@@ -90,7 +63,9 @@ def test_sweep_two_workers_child_runs_and_resume(tmp_path):
     runs = _runs(tmp_path, "exp")
     (parent,) = [r for r in runs if r.data.tags.get("phase") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 and len(runs) == 5
+    (sft,) = [r for r in runs if r.data.tags.get("phase") == "sft"]  # two workers, one shared SFT
+    assert len(children) == 4 and len(runs) == 6 and sft.info.status == "FINISHED"
+    assert {r.data.tags["sft.run_id"] for r in children} == {sft.info.run_id}
     assert sorted(int(r.data.params["trial.number"]) for r in children) == [0, 1, 2, 3]
     for r in children:
         assert r.data.tags["phase"] == "sweep-trial" and "trial.grpo.learning_rate" in r.data.params
@@ -100,7 +75,7 @@ def test_sweep_two_workers_child_runs_and_resume(tmp_path):
     assert "best/eval/accuracy" in parent.data.metrics
     # the same command again: the study is resumed, no trial repeated, no run added
     study = run_sweep(config, [], trials=4, workers=2)
-    assert len(study.get_trials()) == 4 and len(_runs(tmp_path, "exp")) == 5
+    assert len(study.get_trials()) == 4 and len(_runs(tmp_path, "exp")) == 6
 
 
 def test_pruned_trial_keeps_its_compute(tmp_path, monkeypatch):
@@ -144,15 +119,15 @@ def test_grid_runs_each_point_once_and_skips_finished(tmp_path):
     out = CliRunner().invoke(app, ["grid", config])
     assert out.exit_code == 0, out.output
     assert "2 points, 0 already finished, 2 run now, 0 failed" in out.stdout
-    runs = _runs(tmp_path, "grid")
+    runs = [r for r in _runs(tmp_path, "grid") if r.data.tags["phase"] != "sft"]  # + 1 SFT per seed, shared
     assert sorted(r.data.tags["grid.grpo.steps"] for r in runs) == ["1", "2"]
     assert all(r.info.status == "FINISHED" and r.data.tags["grid.seed"] == "0" for r in runs)
     out = CliRunner().invoke(app, ["grid", config, "--set", "grid.axes.seed=[0, 1]"])
     assert out.exit_code == 0, out.output
     assert "4 points, 2 already finished, 2 run now, 0 failed" in out.stdout
-    assert len(_runs(tmp_path, "grid")) == 4
+    assert len(_runs(tmp_path, "grid")) == 4 + 2
     out = CliRunner().invoke(app, ["grid", config, "--set", "grid.axes.seed=[0, 1]"])
-    assert "4 points, 4 already finished, 0 run now" in out.stdout and len(_runs(tmp_path, "grid")) == 4
+    assert "4 points, 4 already finished, 0 run now" in out.stdout and len(_runs(tmp_path, "grid")) == 4 + 2
 
 
 def test_grid_config_error_names_the_field(tmp_path):

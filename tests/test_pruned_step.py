@@ -6,37 +6,13 @@ import optuna
 import pytest
 from conftest import Boom
 from mlflow.tracking import MlflowClient
+from tiny import write_tiny
 
 from rlscale.experiments.runner import Fanout
 from rlscale.experiments.sweep import run_sweep
 from rlscale.tracking.run import tracking_uri
 
-CONFIG = """
-name = "pruned"
-output_dir = "{tmp}/out"
-[model]
-size = "nano"
-[task]
-digits = 1
-eval_percent = 30
-[sft]
-steps = 4
-[grpo]
-steps = 3
-prompts_per_step = 2
-num_generations = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-eval_every = 1
-eval_problems = 4
-[eval]
-problems = 4
-samples = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-[tracking]
-root = "{tmp}/mlruns"
-[sweep]
+CONFIG = """[sweep]
 trials = 1
 [sweep.space."grpo.learning_rate"]
 type = "float"
@@ -67,8 +43,7 @@ def test_fanout_raises_the_first_error_after_all_have_seen_the_step(make_recorde
 def test_pruned_run_records_the_step_that_pruned_it(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
-    config = tmp_path / "c.toml"
-    config.write_text(CONFIG.format(tmp=tmp_path.as_posix()))
+    config = write_tiny(tmp_path, "pruned", CONFIG)
     study = run_sweep(str(config), [], workers=1)
     (pruned_trial,) = study.trials
     assert pruned_trial.state == optuna.trial.TrialState.PRUNED

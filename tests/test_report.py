@@ -116,7 +116,9 @@ def test_cost_matches_the_store_and_counts_every_fate(real):
     expected = project_cost(runs, load_ledger(real["ledger"]))
     cost = json.loads(result.cost_json.read_text())
     assert cost == json.loads(json.dumps(expected)) and result.cost == expected
-    assert cost["runs"] == {"finished": 5, "failed": 1, "killed": 0, "pruned": 1, "running": 0}
+    sft = runs[runs["tags.phase"] == "sft"]  # one shared SFT per model size (sft.reuse), billed once
+    assert len(sft) == 2 and cost["by_phase"]["sft"] == pytest.approx(sft["cost/usd"].sum())
+    assert cost["runs"] == {"finished": 5 + len(sft), "failed": 1, "killed": 0, "pruned": 1, "running": 0}
     assert cost["by_status"]["failed"] > 0 and cost["by_status"]["pruned"] > 0  # their compute is paid for
     assert cost["final_run_id"] == ids["final"] and cost["ratio_total_to_final"] > 1
     assert cost["ledger_items"] == 2 and cost["ledger_usd"] == 3 * 50 + 12.5
@@ -128,11 +130,11 @@ def test_cost_matches_the_store_and_counts_every_fate(real):
     assert _total_in(page) == _total_in(text)
     assert md(f"Final run cost: ${expected['final_run_usd']:.3g} (run {ids['final']})") in text
     assert f"{expected['ratio_total_to_final']:.3g}x the final run" in text
-    assert "Runs by fate: 5 finished, 1 failed, 0 killed, 1 pruned, 0 running" in text
+    assert "Runs by fate: 7 finished, 1 failed, 0 killed, 1 pruned, 0 running" in text
     for word in ("staff", "human_data", "sweep-trial", "pruned"):
         assert f"| {md(word)} |" in text and f"<td>{word}</td>" in page
     table = pd.read_csv(result.runs_csv)
-    assert len(table) == 7 and sorted(table["fate"]) == ["failed"] + ["finished"] * 5 + ["pruned"]
+    assert len(table) == 9 and sorted(table["fate"]) == ["failed"] + ["finished"] * 7 + ["pruned"]
 
 
 def test_only_finished_scored_runs_enter_fits(real):

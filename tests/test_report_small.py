@@ -69,5 +69,5 @@ def test_one_run_shows_in_every_plot(one_run):
     assert _colored_span(plots["recipes"]) > 0.5
     assert _colored_span(plots["cost_breakdown"]) > 0.5 and _colored_span(plots["total_vs_final"]) > 0.3
     fits = one_run.fits
-    assert fits["recipe_comparison"]["skipped"] == {"a1b2c3": "sigmoid has 4 parameters but only 3 distinct points "
-                                                               "remain to fit"}
+    assert fits["recipe_comparison"]["skipped"] == {"a1b2c3": "3 distinct point(s), 4 needed: 1 run(s) with 3 "
+                                                               "eval(s) after RL began"}  # counted from the data

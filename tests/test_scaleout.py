@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import torch
 from mlflow.tracking import MlflowClient
 from pg import Cluster, find_bin_dir, mlflow_server
+from tiny import write_tiny
 
 from rlscale.experiments.config import load_config
 from rlscale.experiments.runner import run_experiment
@@ -28,33 +29,6 @@ from rlscale.experiments.sweep import run_sweep
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[1]
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-TINY = """
-name = "{name}"
-output_dir = "{tmp}/out"
-[model]
-size = "nano"
-[task]
-digits = 1
-eval_percent = 30
-[sft]
-steps = 4
-[grpo]
-steps = 3
-prompts_per_step = 2
-num_generations = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-eval_every = 1
-eval_problems = 4
-[eval]
-problems = 4
-samples = 2
-max_new_tokens = 3
-verify_max_new_tokens = 12
-[tracking]
-root = "{tmp}/mlruns"
-flush_seconds = 1.0
-"""
 SWEEP = """
 [sweep]
 trials = 4
@@ -76,9 +50,7 @@ class Quiet:
 
 
 def _write(tmp_path: Path, name: str, text: str = "") -> str:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, tmp=tmp_path.as_posix()) + text)
-    return str(path)
+    return write_tiny(tmp_path, name, text, tracking="flush_seconds = 1.0\n")
 
 
 def _runs(url: str, experiment: str) -> list:
@@ -160,7 +132,9 @@ def _check_sweep(url: str, storage: str, experiment: str, study_name: str, total
     parents = {r.info.run_id: r for r in runs if r.data.tags.get("phase") == "sweep"}
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert parents and all(r.data.tags["mlflow.parentRunId"] in parents for r in children)
-    assert len(runs) == len(parents) + total
+    sfts = [r for r in runs if r.data.tags.get("phase") == "sft"]  # every trial starts from the one shared SFT
+    assert len(sfts) == 1 and {r.data.tags["sft.run_id"] for r in children} == {sfts[0].info.run_id}
+    assert len(runs) == len(parents) + total + 1
     assert sorted(int(r.data.params["trial.number"]) for r in children) == list(range(total))
     for r in children:
         assert r.data.tags["phase"] == "sweep-trial" and r.data.tags["optuna.study"] == study_name
@@ -179,7 +153,26 @@ def test_sweep_workers_share_a_postgres_study(postgres, server, tmp_path, monkey
     assert "best.trial" in parent.data.tags and parent.data.metrics["sweep/trials_complete"] >= 1
     # the same command again resumes the study: no trial and no run added
     study = run_sweep(config, [], trials=4, workers=2, storage=storage, study_name="pg-sweep")
-    assert len(study.get_trials()) == 4 and len(_runs(server, "pg-sweep")) == 5
+    assert len(study.get_trials()) == 4 and len(_runs(server, "pg-sweep")) == 6
+
+
+def test_two_workers_on_postgres_train_a_shared_sft_once(postgres, server, tmp_path):
+    config = Path(_write(tmp_path, "pg-warm"))
+    config.write_text(config.read_text().replace("steps = 4\n[grpo]", "steps = 100\n[grpo]"))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": server}
+    procs = [subprocess.Popen([sys.executable, "-m", "rlscale.experiments.cli", "train", str(config), "--set",
+                               f"output_dir={tmp_path}/w{i}", "--set", f"tracking.root={tmp_path}/disk{i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    runs = _runs(server, "pg-warm")
+    (sft,) = [r for r in runs if r.data.tags.get("phase") == "sft"]
+    rl = [r for r in runs if r.data.tags.get("phase") == "rl"]
+    assert len(rl) == 2 and {r.data.tags["sft.run_id"] for r in rl} == {sft.info.run_id}
+    # each worker on its own disk: the one that did not train it fetched the model from the server's artifacts
+    for i in range(2):
+        assert (tmp_path / f"disk{i}" / "warmstarts" / sft.data.tags["sft.key"] / sft.info.run_id / "sft"
+                / "eval.json").is_file()
 
 
 def test_two_separate_sweep_commands_share_one_study(postgres, server, tmp_path):
@@ -210,7 +203,7 @@ def test_two_separate_sweep_commands_share_one_study(postgres, server, tmp_path)
     runs = _runs(server, "pg-cli")
     parents = [r for r in runs if r.data.tags.get("phase") == "sweep"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 6  # and the one shared SFT
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert sorted(int(r.data.params["trial.number"]) for r in children) == done
     assert all(r.data.metrics["compute/flops"] > 0 for r in children)

@@ -41,6 +41,7 @@ def _cfg(tmp_path, *extra):
         "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_new_tokens=3",
         "grpo.verify_max_new_tokens=12", "eval.problems=4", "eval.samples=4", "eval.max_new_tokens=3",
         "eval.verify_max_new_tokens=12", f"output_dir={tmp_path / 'out'}", f"tracking.root={tmp_path / 'mlruns'}",
+        "sft.reuse=false",  # one run holds SFT and RL (shared warm starts: tests/test_warmstart.py)
         *extra,
     ])
 
@@ -130,6 +131,7 @@ def _start_training(tmp_path, name: str):
     root = tmp_path / "mlruns"
     cmd = [sys.executable, "-m", "rlscale.experiments.cli", "train", "experiments/addition.toml",
            "--set", "model.size=nano", "--set", "sft.steps=100000", "--set", "sft.target_accuracy=1.0",
+           "--set", "sft.reuse=false",
            "--set", "tracking.flush_seconds=1", "--set", f"tracking.root={root}",
            "--set", f"output_dir={tmp_path / 'out'}", "--set", f"name={name}"]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE,

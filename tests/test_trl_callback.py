@@ -381,7 +381,7 @@ def test_report_over_rlscale_and_trl_runs(tmp_path, monkeypatch):
 
     for steps in (1, 3):
         run_experiment(load_config(None, [
-            "name=mixed", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=2",
+            "name=mixed", "model.size=nano", "task.digits=1", "task.eval_percent=30", "sft.steps=2", "sft.reuse=false",
             "sft.batch_size=8", f"grpo.steps={steps}", "grpo.prompts_per_step=2", "grpo.num_generations=2",
             "grpo.max_new_tokens=3", "grpo.self_verify=false", "eval.problems=4", "eval.samples=2",
             "eval.max_new_tokens=3", f"output_dir={tmp_path / f'out-{steps}'}", f"tracking.root={store}"]), Quiet())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -287,8 +287,10 @@ class TrackedRun:
                  flush_seconds: float = 10.0, root: Path = DEFAULT_ROOT, resume_run_id: str | None = None,
                  devices: float = 0.0, system_metrics: bool = False,
                  pruned_on: tuple[type[BaseException], ...] = (), spool_dir: Path | None = None,
-                 store_wait_seconds: float | None = None, joined: bool = False):
+                 store_wait_seconds: float | None = None, joined: bool = False,
+                 ancestors: dict[str, float] | None = None):
         self.client = client
+        self.ancestors = ancestors  # compute/flops and cost/usd of the runs this one's model started from
         self.device = device
         self.pruned_on = pruned_on  # exceptions that mean "stopped early on purpose": KILLED, tagged pruned
         self.prices = prices or load_prices()
@@ -309,6 +311,9 @@ class TrackedRun:
                     exp_id = retry(experiment_id, client, experiment, root, wait=self.store_wait)
                     run = retry(client.create_run, exp_id, tags=all_tags, run_name=run_name, wait=self.store_wait)
                     self.run_id = run.info.run_id
+                else:  # opened by another party: this run's tags too
+                    retry(client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
+                          wait=self.store_wait)
                 items = list(params.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                     retry(client.log_batch, self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]],
@@ -347,7 +352,7 @@ class TrackedRun:
         now = int(time.time() * 1000)
         if "compute/device_seconds" in metrics:
             metrics = metrics | {"cost/usd": cost_usd(metrics["compute/device_seconds"], self.device, self.prices)}
-        metrics = metrics | {"heartbeat": now / 1000.0}
+        metrics = metrics | self._lineage(metrics) | {"heartbeat": now / 1000.0}
         if "compute/device_seconds" in metrics:
             self._compute_at = (time.monotonic(), step)
         self.last |= metrics
@@ -357,6 +362,13 @@ class TrackedRun:
             self.flush()
         if len(self._buffer) > MAX_BUFFER:  # the store has been down long: keep memory bounded, lose nothing
             self._spill()
+
+    def _lineage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`compute/flops/lineage` and `cost/usd_lineage`: this run's own plus its ancestors' (a shared SFT)."""
+        if self.ancestors is None:
+            return {}
+        pairs = (("compute/flops", "compute/flops/lineage"), ("cost/usd", "cost/usd_lineage"))
+        return {name: metrics[own] + self.ancestors.get(own, 0.0) for own, name in pairs if own in metrics}
 
     def _send(self) -> None:
         """Deliver the spool (if this run has one), the buffer, then the tags and artifacts kept while the store
@@ -427,7 +439,11 @@ class TrackedRun:
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a tag of the run (kept for later delivery while the store is down)."""
-        self._record({"kind": "tags", "tags": {key: str(value)}})
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set several tags of the run at once (kept for later delivery while the store is down)."""
+        self._record({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Log a JSON-serialisable object as an artifact (kept for later delivery while the store is down)."""
@@ -493,6 +509,7 @@ class TrackedRun:
         metrics = {"compute/device_seconds": total, "compute/gpu_hours": total / 3600.0,
                    "compute/device_seconds/other": self.last.get("compute/device_seconds/other", 0.0) + extra,
                    "cost/usd": cost_usd(total, self.device, self.prices)}
+        metrics |= self._lineage(metrics)
         self.last |= metrics
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]

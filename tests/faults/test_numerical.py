@@ -31,6 +31,7 @@ def _cfg(tmp_path):
         "grpo.steps=3", f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={G}", "grpo.max_new_tokens=3",
         "grpo.verify_max_new_tokens=12", "eval.problems=4", "eval.samples=4", "eval.max_new_tokens=3",
         "eval.verify_max_new_tokens=12", f"output_dir={tmp_path / 'out'}", f"tracking.root={tmp_path / 'mlruns'}",
+        "sft.reuse=false",  # one run holds SFT and RL, its checkpoints in its own output_dir
     ])
 
 

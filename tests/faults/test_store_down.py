@@ -37,6 +37,7 @@ TINY = [
     "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_new_tokens=3", "grpo.verify_max_new_tokens=12",
     "eval.problems=4", "eval.samples=4", "eval.max_new_tokens=3", "eval.verify_max_new_tokens=12",
     "tracking.flush_seconds=0.000001",
+    "sft.reuse=false",  # one run, its steps numbered as below (a shared SFT would be a second run)
 ]
 
 
