@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pruners import clear  # benchmarks/ is the script's folder: on sys.path
 
 from rlscale.analysis.runs import load_runs
 
@@ -38,13 +39,7 @@ def steps(config: Path, folder: Path, extra: list[str]) -> list[tuple[str, list[
 
 def variant(name: str, root: Path, extra: list[str]) -> dict:
     folder = root / name
-    if folder.exists():
-        other = sorted(p.name for p in folder.iterdir() if p.name not in OWN)
-        if other:
-            sys.exit(f"{folder}: holds {', '.join(other)}, not written by this benchmark; use another --root")
-        for p in OWN:
-            path = folder / p
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    clear(folder, OWN)  # only what this benchmark writes; a folder holding anything else (or a link) is refused
     folder.mkdir(parents=True, exist_ok=True)
     text = Path("experiments/demo.toml").read_text().replace('output_dir = "outputs/demo"',
                                                               f'output_dir = "{folder}/out"')

@@ -69,15 +69,15 @@ class Quiet:
 OWN = ("sweep.toml", "out", "mlruns")  # what a sweep of this script writes into its folder (the study is in mlruns/)
 
 
-def clear(folder: Path) -> None:
-    """Remove an earlier sweep of this script from `folder`: only what it writes, and only from a folder that holds
-    nothing else (a user's folder given as --root is refused, never emptied)."""
+def clear(folder: Path, own: tuple[str, ...] = OWN) -> None:
+    """Remove an earlier run of a benchmark from `folder`: only what it writes (`own`), and only from a folder that
+    holds nothing else (a user's folder given as --root is refused, never emptied; a link is never followed)."""
     if not folder.exists():
         return
-    other = sorted(p.name for p in folder.iterdir() if p.name not in OWN or p.is_symlink())
+    other = sorted(p.name for p in folder.iterdir() if p.name not in own or p.is_symlink())
     if folder.is_symlink() or other:
         sys.exit(f"{folder}: holds {', '.join(other) or 'a link'}, not written by this benchmark; use another --root")
-    for name in OWN:
+    for name in own:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 

@@ -85,3 +85,10 @@ def test_the_pruner_benchmark_never_empties_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(SystemExit, match="notes.txt"):
         bench.clear(mine)
     assert (mine / "notes.txt").read_text() == "the user's" and (mine / "mlruns").is_dir()
+    theirs = tmp_path / "theirs"  # benchmarks/demo_time.py's folder names: a link named like one is never followed
+    (theirs / "keep").mkdir(parents=True)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "out").symlink_to(theirs)
+    with pytest.raises(SystemExit, match="out"):
+        bench.clear(tmp_path / "demo", ("demo.toml", "out", "mlruns", "report"))
+    assert (theirs / "keep").is_dir()
