@@ -1,4 +1,5 @@
-"""Evaluation on held-out problems: greedy accuracy, pass@k, self-verification and self-verified best-of-N."""
+"""Evaluation on held-out problems: greedy accuracy, pass@k, majority vote, the model as a verifier of its own answers
+(TPR, TNR, balanced accuracy, calibration) and the answers it picks with its verdicts (best-of-N, weighted vote)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlscale.rl.accounting import Meter
 from rlscale.rl.generate import sample
-from rlscale.rl.self_verify import p_yes, split_trace, verify_prompt
+from rlscale.rl.self_verify import p_yes_after_check, split_trace, verify_prompt
 from rlscale.rl.tasks import Problem, Task
 
 
@@ -32,14 +33,40 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def balanced_accuracy(pred: list[bool], truth: list[bool]) -> float:
-    """Mean of the recall on each class present."""
-    recalls = []
-    for cls in (True, False):
-        idx = [i for i, t in enumerate(truth) if t == cls]
-        if idx:
-            recalls.append(sum(pred[i] == cls for i in idx) / len(idx))
-    return sum(recalls) / len(recalls) if recalls else float("nan")
+def verifier_scores(pred: list[bool], truth: list[bool], p_yes: list[float], bins: int = 10) -> dict[str, float]:
+    """A verifier's TPR (says yes to a correct answer) and TNR (says no to a wrong one), each only when that class is
+    present, raw and balanced accuracy (mean of the recalls of the classes present), and the expected calibration
+    error of P(yes): the sample-weighted mean |mean P(yes) - share correct| over `bins` equal-width bins of P(yes)
+    (Guo et al. 2017)."""
+    pos = [i for i, t in enumerate(truth) if t]
+    neg = [i for i, t in enumerate(truth) if not t]
+    recalls = {}
+    if pos:
+        recalls["verify_tpr"] = sum(pred[i] for i in pos) / len(pos)
+    if neg:
+        recalls["verify_tnr"] = sum(not pred[i] for i in neg) / len(neg)
+    bucket: dict[int, list[int]] = {}
+    for i, p in enumerate(p_yes):
+        bucket.setdefault(min(int(p * bins), bins - 1), []).append(i)
+    ece = sum(abs(sum(p_yes[i] for i in idx) - sum(truth[i] for i in idx)) for idx in bucket.values()) / len(truth)
+    return recalls | {
+        "verify_accuracy": sum(p == t for p, t in zip(pred, truth)) / len(truth),
+        "verify_balanced_accuracy": sum(recalls.values()) / len(recalls),
+        "verify_ece": ece,
+    }
+
+
+def pick(answers: list[str], scores: list[float], how: str) -> int:
+    """Index of the answer a selection rule keeps from one problem's N samples: "vote" (the most frequent answer),
+    "weighted_vote" (the answer with the most summed P(yes)), "best" (the single sample with the highest P(yes)).
+    Ties go to the answer given first."""
+    if how == "best":
+        return max(range(len(answers)), key=lambda j: (scores[j], -j))
+    weight: dict[str, float] = {}
+    for a, s in zip(answers, scores):
+        weight[a] = weight.get(a, 0.0) + (1.0 if how == "vote" else s)
+    top = max(weight.values())
+    return next(j for j, a in enumerate(answers) if weight[a] == top)
 
 
 def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: bool, generator, max_new) -> list[str]:
@@ -53,15 +80,21 @@ def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: 
     return texts
 
 
-def _p_yes(model, tokenizer, prompts, traces, cfg: EvalConfig, meter: Meter) -> list[float]:
-    out: list[float] = []
+def _check(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter) -> tuple[list[str], list[float]]:
+    """Each answer checked by the model: a greedy written check, then its verdict's P(yes) read by continuing the
+    check's KV cache (`p_yes_after_check`: the values of `p_yes` without running prompt and check again)."""
+    texts: list[str] = []
+    probs: list[float] = []
     for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i : i + cfg.batch_size]
         with meter.phase("eval"):
-            probs, batch = p_yes(model, tokenizer, chunk, traces[i : i + cfg.batch_size])
-        meter.add("eval", meter.fm.logprobs(batch, dedupe=True))
-        out += probs.tolist()
-    return out
+            b = sample(model, tokenizer, prompts[i : i + cfg.batch_size], cfg.verify_max_new_tokens, greedy=True,
+                       keep_cache=True)
+            p, (rows, fed, keys) = p_yes_after_check(model, tokenizer, b, [split_trace(t) for t in b.texts])
+        b.cache = None  # its memory back before the next chunk
+        meter.add("eval", meter.fm.generation(b) + meter.fm.forward(rows * fed, keys))
+        texts += b.texts
+        probs += p.tolist()
+    return texts, probs
 
 
 @torch.no_grad()
@@ -86,29 +119,25 @@ def evaluate(
     # an answer given twice to the same problem is checked once)
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
     distinct = list(dict.fromkeys(vprompts))
-    checked = _generate(model, tokenizer, distinct, cfg, meter, True, generator, cfg.verify_max_new_tokens)
-    trusted = _p_yes(model, tokenizer, distinct, [split_trace(c) for c in checked], cfg, meter)
+    checked, trusted = _check(model, tokenizer, distinct, cfg, meter)
     check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
     checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]
 
     answers = [task.answer_text(c) for c in sampled]
-    best_ok = []
+    chosen = {how: [] for how in ("vote", "weighted_vote", "best")}
     for i in range(len(problems)):
-        # keep the answer the model itself trusts most: P(yes) summed over the samples that gave it
-        group = range(i * n, (i + 1) * n)
-        trust: dict[str, float] = {}
-        for j in group:
-            trust[answers[j]] = trust.get(answers[j], 0.0) + scores[j]
-        best = max(trust, key=trust.get)
-        best_ok.append(next(ok[j] for j in group if answers[j] == best))
+        for how, ok_of in chosen.items():
+            j = i * n + pick(answers[i * n : (i + 1) * n], scores[i * n : (i + 1) * n], how)
+            ok_of.append(ok[j])
 
     metrics = {
         "eval/accuracy": sum(greedy_ok) / len(problems),
         "eval/sample_accuracy": sum(ok) / len(ok),
-        "eval/verify_accuracy": sum(v == t for v, t in zip(verdicts, ok)) / len(ok),
-        "eval/verify_balanced_accuracy": balanced_accuracy(verdicts, ok),
-        f"eval/best_of_{n}_accuracy": sum(best_ok) / len(problems),
+        **{f"eval/{k}": v for k, v in verifier_scores(verdicts, ok, scores).items()},
+        f"eval/maj_at_{n}_accuracy": sum(chosen["vote"]) / len(problems),
+        f"eval/weighted_vote_at_{n}_accuracy": sum(chosen["weighted_vote"]) / len(problems),
+        f"eval/best_of_{n}_accuracy": sum(chosen["best"]) / len(problems),
         "eval/problems": float(len(problems)),
     }
     for k in sorted({1, n // 2, n} - {0}):

@@ -19,6 +19,7 @@ class Batch:
     completion_mask: torch.Tensor  # (B, T) 1 for real completion tokens (eos included)
     texts: list[str]  # decoded completions, special tokens removed
     decode_context: int = 0  # sum over decode steps of (batch rows x keys attended), for the attention FLOP term
+    cache: object = None  # the KV cache of prompt + every fed completion token (the last one is not), if kept
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -116,11 +117,13 @@ def sample(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     dedupe: bool = True,
+    keep_cache: bool = False,
 ) -> Batch:
     """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos.
 
     With `dedupe`, each distinct prompt is prefilled once and its KV cache copied to its rows: the same samples
-    for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them."""
+    for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them. With `keep_cache`, the
+    batch keeps the KV cache for a continuation (`self_verify.p_yes_after_check`)."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
@@ -159,7 +162,7 @@ def sample(
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
     completion_mask = (~after_eos).long()
     texts = tokenizer.batch_decode(tokens.masked_fill(~completion_mask.bool(), pad), skip_special_tokens=True)
-    return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_context)
+    return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_context, cache if keep_cache else None)
 
 
 def completion_logprobs(

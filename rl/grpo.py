@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlscale.rl import distributed
 from rlscale.rl.accounting import Callback, Meter
 from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
-from rlscale.rl.self_verify import NO, YES, corrupt, verdict_reward, verify_prompt
+from rlscale.rl.self_verify import NO, YES, corrupt, p_yes, verdict_reward, verify_prompt
 from rlscale.rl.tasks import Task
 
 
@@ -51,6 +51,10 @@ class GRPOConfig(BaseModel):
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="Importance ratio per token, or per sequence (GSPO: the geometric mean over o_i)."
     )
+    reward: Literal["verifier", "self_verdict"] = Field(
+        "verifier", description="r_i: the program verifier's score (reads the answers), or 'self_verdict': the model's "
+        "own P(yes) on its answer, label-free (the training answers are never read; needs self_verify = false)."
+    )
     self_verify: bool = Field(True, description="Also train the model to verify its own answers.")
     verify_coef: float = Field(0.5, ge=0.0, description="Weight of the verification loss next to the solving loss.")
     verify_max_new_tokens: int = Field(32, ge=1, description="Longest check-and-verdict sampled.")
@@ -63,6 +67,13 @@ class GRPOConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+
+    @model_validator(mode="after")
+    def _label_free(self) -> GRPOConfig:
+        if self.reward == "self_verdict" and self.self_verify:
+            raise ValueError("grpo.reward = 'self_verdict' is label-free, but grpo.self_verify trains the verdicts on "
+                             "the answers: set grpo.self_verify = false")
+        return self
 
 
 # ---------------------------------------------------------------- the math
@@ -190,8 +201,16 @@ def train_grpo(
             solve = sample(model, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
                            generator=generator)
         meter.add("rollout", fm.generation(solve))
-        rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
-        correct = (rewards == 1.0).tolist()  # reward is 1 exactly when the verifier accepts the answer
+        if cfg.reward == "verifier":
+            rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
+            correct = (rewards == 1.0).tolist()  # reward is 1 exactly when the verifier accepts the answer
+        else:  # label-free: r_i = the model's own P(yes) on its answer, no answer key read
+            judge = [verify_prompt(task, p, c) for p, c in zip(rows, solve.texts)]
+            with meter.phase("verify_rollout"):
+                rewards, judged = p_yes(model, tokenizer, judge, [""] * len(rows))
+            meter.add("verify_rollout", fm.logprobs(judged, dedupe=True))
+            rewards = rewards.float().cpu()
+            correct = [task.is_correct(p, c) for p, c in zip(rows, solve.texts)]  # logged only, never a reward
         batches: list[tuple[str, Batch, torch.Tensor, float]] = [
             ("solve", solve, group_advantages(rewards, G, cfg.scale_rewards).to(device), 1.0)
         ]
@@ -288,13 +307,15 @@ def train_grpo(
         metrics.update({
             "train/reward_mean": float(rewards.mean()),
             "train/reward_std": float(rewards.std()),
-            "train/accuracy": sum(correct) / len(correct),
+            "train/accuracy": sum(correct) / len(correct),  # the program verifier's, in either reward mode
             "train/zero_std_frac": float((groups.std(dim=1) == 0).float().mean()),
             "train/completion_len": float(solve.completion_mask.sum(-1).float().mean()),
             "train/grad_norm": float(grad_norm),
             "train/lr": scheduler.get_last_lr()[0],
             "train/rl_step": float(step + 1),
         })
+        if cfg.reward == "self_verdict":  # reward hacking of its own verifier shows as this rising, accuracy not
+            metrics["train/verdict_rate"] = float((rewards > 0.5).float().mean())
         if cfg.self_verify:
             metrics["train/verify_reward_mean"] = float(v_rewards.mean())
             metrics["train/verify_zero_std_frac"] = float((v_rewards.view(-1, G).std(dim=1) == 0).float().mean())

@@ -12,7 +12,7 @@ import random
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts
+from rlscale.rl.generate import Batch
 from rlscale.rl.tasks import Problem, Task
 
 YES, NO = "yes", "no"
@@ -81,16 +81,103 @@ def sft_examples(
 def p_yes(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str]
 ) -> tuple[torch.Tensor, Batch]:
-    """P(yes) / (P(yes) + P(no)) after each prompt and its check, by teacher-forcing both verdicts.
+    """P(yes) / (P(yes) + P(no)) after each prompt and its check: log pi("{trace} yes" + eos) - log pi("{trace} no"
+    + eos), teacher-forced, through a sigmoid.
 
-    Also returns the batch of 2 x len(prompts) sequences it ran (for FLOP accounting)."""
+    The tokens the two verdicts share (the prompt, the check) run once with logits at their last position only, and
+    the two verdicts continue from that KV cache; the shared tokens cancel in the difference, so only the tokens
+    where the two differ are scored. Also returns the batch it ran, prefix as prompt and verdict tails as
+    completions, two rows per prompt (`FlopModel.logprobs(batch, dedupe=True)` counts exactly that work)."""
     device = next(model.parameters()).device
-    both = prompts + prompts
-    ids, mask = encode_prompts(tokenizer, both, device)
-    verdicts = [f"{t} {YES}" for t in traces] + [f"{t} {NO}" for t in traces]
-    cids, cmask = encode_completions(tokenizer, verdicts, device)
-    batch = Batch(ids, mask, cids, cmask, [])
-    logp, _ = completion_logprobs(model, batch, dedupe=True)  # each prompt runs once for both verdicts
-    seq = (logp * cmask).sum(-1)  # the shared trace tokens cancel in the difference
-    yes, no = seq[: len(prompts)], seq[len(prompts) :]
-    return torch.sigmoid(yes - no), batch
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
+    no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
+    prefixes, tails = [], []
+    for p, y, n in zip(prompt_ids, yes_ids, no_ids):
+        y, n = y + [eos], n + [eos]
+        k = next(i for i in range(min(len(y), len(n)) + 1) if i == min(len(y), len(n)) or y[i] != n[i])
+        k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
+        prefixes.append(bos + p + y[:k])
+        tails.append((y[k:], n[k:]))
+    B = len(prefixes)
+    L, T = max(map(len, prefixes)), max(len(t) for pair in tails for t in pair)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    tail_ids = torch.full((2 * B, T), pad, dtype=torch.long)
+    tail_mask = torch.zeros((2 * B, T), dtype=torch.long)
+    for i, (row, (y, n)) in enumerate(zip(prefixes, tails)):
+        ids[i, L - len(row) :], mask[i, L - len(row) :] = torch.tensor(row), 1
+        for j, t in ((i, y), (B + i, n)):  # yes rows first, then no rows
+            tail_ids[j, : len(t)], tail_mask[j, : len(t)] = torch.tensor(t), 1
+    ids, mask, tail_ids, tail_mask = ids.to(device), mask.to(device), tail_ids.to(device), tail_mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    both = torch.arange(2 * B, device=device) % B
+    cache, logits = out.cache, out.logits[:, -1:, :].index_select(0, both)
+    if T > 1:  # the verdict tails, both from the one cached prefix
+        cache.reorder_cache(both)
+        full = torch.cat([mask.index_select(0, both), tail_mask[:, :-1]], dim=1)
+        rest = model(input_ids=tail_ids[:, :-1], attention_mask=full, position_ids=((full.cumsum(-1) - 1)[:, L:]),
+                     cache=cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], dim=1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail_ids[..., None]).squeeze(-1)
+    seq = (logp * tail_mask).sum(-1)
+    batch = Batch(ids.index_select(0, both), mask.index_select(0, both), tail_ids, tail_mask, [])
+    return torch.sigmoid(seq[:B] - seq[B:]), batch
+
+
+@torch.no_grad()
+def p_yes_after_check(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, checked: Batch, traces: list[str]
+) -> tuple[torch.Tensor, float]:
+    """`p_yes` of the prompts and checks of `checked`, a greedy `sample(..., keep_cache=True)` of the check prompts,
+    continuing its KV cache instead of running prompt and check again: the cached positions that the teacher-forced
+    prefix shares with what was generated are kept (masked beyond), the rest of the prefix and the two verdict tails
+    are fed. The same values as `p_yes` up to float rounding. Returns P(yes) and the (rows, fed tokens, keys
+    attended) of the continuation, for FLOP accounting: `FlopModel.forward(rows * fed, keys)`."""
+    device = checked.prompt_ids.device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    B, P = checked.prompt_ids.shape
+    fed_gen = checked.completion_ids.shape[1] - 1  # the last sampled token was never fed: the cache stops before it
+    C = P + fed_gen
+    yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
+    no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
+    generated = checked.completion_ids.tolist()
+    cache_mask = torch.cat([checked.prompt_mask, torch.ones((B, fed_gen), dtype=torch.long, device=device)], 1)
+    feeds, starts = [], []
+    for i, (y, n, g) in enumerate(zip(yes_ids, no_ids, generated)):
+        y, n = y + [eos], n + [eos]
+        k = next(j for j in range(min(len(y), len(n)) + 1) if j == min(len(y), len(n)) or y[j] != n[j])
+        k = min(k, len(y) - 1, len(n) - 1)
+        shared = y[:k]  # the check's tokens as the definition tokenises them
+        r = next(j for j in range(min(k, fed_gen) + 1) if j == min(k, fed_gen) or shared[j] != g[j])
+        # keep cache positions before P + r - 1 and feed again from there: the logits of the last kept token predict
+        # what follows it, and they were not kept (r = 0: the prompt's last token is fed again)
+        last = shared[r - 1] if r > 0 else int(checked.prompt_ids[i, -1])
+        cache_mask[i, P + r - 1 :] = 0
+        head = [last] + shared[r:]
+        feeds.append((head + y[k:], head + n[k:], len(head)))
+        starts.append(int(checked.prompt_mask[i].sum()) + r - 1)  # position id of the first fed token
+    F = max(len(t) for f in feeds for t in f[:2]) - 1  # the last token of a tail predicts nothing: not fed
+    ids = torch.full((2 * B, F + 1), pad, dtype=torch.long)
+    mask = torch.zeros((2 * B, F + 1), dtype=torch.long)
+    scored = torch.zeros((2 * B, F + 1), dtype=torch.bool)  # tokens whose log-prob is summed: the tails
+    for i, (y, n, h) in enumerate(feeds):
+        for row, seq in ((i, y), (B + i, n)):
+            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+            scored[row, h : len(seq)] = True
+    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+    both = torch.arange(2 * B, device=device) % B
+    cache = checked.cache
+    cache.reorder_cache(both)
+    full = torch.cat([cache_mask.index_select(0, both), mask[:, :F]], dim=1)
+    start = torch.tensor(starts, device=device).index_select(0, both)
+    positions = start[:, None] + torch.arange(F, device=device)[None, :]
+    logits = model(input_ids=ids[:, :F], attention_mask=full, position_ids=positions, cache=cache,
+                   use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    seq = (logp * scored[:, 1:]).sum(-1)
+    keys = int(2 * B * F * C + 2 * B * F * (F + 1) // 2)
+    return torch.sigmoid(seq[:B] - seq[B:]), (2 * B, F, keys)

@@ -47,3 +47,15 @@ def test_deduplicated_logprobs_flops_match_flop_counter(train):
     assert torch.allclose(logp.detach(), plain, atol=1e-5)  # the same values, fewer FLOPs
     assert fc.get_total_flops() == pytest.approx(fm.logprobs(batch, train=train, dedupe=True), rel=0.05)
     assert fm.logprobs(batch, train=train, dedupe=True) < 0.6 * fm.logprobs(batch, train=train)
+
+
+def test_p_yes_flops_match_flop_counter():
+    """The verdict read from the shared prefix: counted as computed (prefix once with one logit, the two tails)."""
+    from rlscale.rl.self_verify import p_yes
+
+    model, tok = load_model(ModelConfig(size="micro"), seed=0)
+    model.config._attn_implementation = "eager"
+    prompts, traces = ["12+34=46 ok?", "7*8=54 ok?", "5+5=10 ok?"], ["12+34=46", "", "5+5=10 10=10"]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        _, batch = p_yes(model, tok, prompts, traces)
+    assert fc.get_total_flops() == pytest.approx(FlopModel.of(model).logprobs(batch, dedupe=True), rel=0.05)

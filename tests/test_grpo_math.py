@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlscale.rl.evaluate import balanced_accuracy, pass_at_k
+from rlscale.rl.evaluate import pass_at_k, pick, verifier_scores
 from rlscale.rl.grpo import GRPOConfig, group_advantages, grpo_loss, lr_lambda
 
 
@@ -115,9 +115,34 @@ def test_lr_schedule():
     assert lr_lambda("constant", 0, 100)(99) == 1.0
 
 
-def test_pass_at_k_and_balanced_accuracy():
+def test_pass_at_k():
     assert pass_at_k(8, 0, 4) == 0.0 and pass_at_k(8, 8, 1) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
-    assert balanced_accuracy([True, True, True, False], [True, True, False, False]) == pytest.approx(0.75)
-    assert balanced_accuracy([True, True], [True, True]) == 1.0
+
+
+def test_verifier_scores_on_a_known_confusion_matrix():
+    """8 correct answers, 4 accepted (TPR 0.5); 2 wrong ones, both rejected (TNR 1.0): raw accuracy 0.6, balanced
+    0.75; a verifier that always says no scores raw 0.2, balanced 0.5."""
+    truth = [True] * 8 + [False] * 2
+    pred = [True] * 4 + [False] * 4 + [False] * 2
+    p = [0.9] * 4 + [0.3] * 4 + [0.05, 0.25]
+    s = verifier_scores(pred, truth, p)
+    assert (s["verify_tpr"], s["verify_tnr"]) == (0.5, 1.0)
+    assert s["verify_accuracy"] == pytest.approx(0.6) and s["verify_balanced_accuracy"] == pytest.approx(0.75)
+    # bins: [0.9]x4 all correct: |3.6 - 4|; [0.3]x4 all correct: |1.2 - 4|; 0.05 and 0.25 wrong: |0.05|, |0.25|
+    assert s["verify_ece"] == pytest.approx((0.4 + 2.8 + 0.05 + 0.25) / 10)
+    never = verifier_scores([False] * 10, truth, [0.0] * 10)
+    assert never["verify_balanced_accuracy"] == 0.5 and never["verify_tpr"] == 0.0
+    assert verifier_scores([True, True], [True, True], [1.0, 1.0])["verify_balanced_accuracy"] == 1.0  # one class
+    assert "verify_tnr" not in verifier_scores([True, True], [True, True], [1.0, 1.0])  # no wrong answers: undefined
+
+
+def test_selection_rules_vote_weighted_vote_and_best():
+    answers = ["7", "7", "7", "9", "9"]
+    scores = [0.2, 0.2, 0.2, 0.5, 0.5]
+    assert answers[pick(answers, scores, "vote")] == "7"  # 3 votes against 2
+    assert answers[pick(answers, scores, "weighted_vote")] == "9"  # 1.0 against 0.6
+    assert answers[pick(answers, [0.2, 0.95, 0.2, 0.5, 0.5], "best")] == "7"  # the single most trusted sample
+    assert answers[pick(answers, [0.2, 0.95, 0.2, 0.5, 0.5], "weighted_vote")] == "7"  # 1.35 against 1.0
+    assert pick(["1", "2"], [0.5, 0.5], "vote") == 0 and pick(["1", "2"], [0.5, 0.5], "best") == 0  # ties: first

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.chat import for_model
 from rlscale.rl.evaluate import EvalConfig, evaluate
+from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rlscale.rl.model import ModelConfig, load_model
 from rlscale.rl.self_verify import (
     corrupt,
     p_yes,
@@ -84,6 +88,71 @@ def test_p_yes_and_evaluate_on_a_tiny_model(nano):
     metrics, table = evaluate(model, tok, task, problems, cfg, meter, torch.Generator().manual_seed(0))
     assert len(table) == 24 and {"problem", "answer", "correct", "self_check", "self_verdict"} <= set(table[0])
     for key in ("eval/accuracy", "eval/pass_at_1", "eval/pass_at_2", "eval/pass_at_4", "eval/verify_accuracy",
-                "eval/best_of_4_accuracy"):
-        assert 0.0 <= metrics[key] <= 1.0
+                "eval/best_of_4_accuracy", "eval/maj_at_4_accuracy", "eval/weighted_vote_at_4_accuracy",
+                "eval/verify_tpr", "eval/verify_tnr", "eval/verify_ece", "eval/verify_balanced_accuracy"):
+        if key in metrics or not key.startswith("eval/verify_t"):  # TPR, TNR: only when the class is present
+            assert 0.0 <= metrics[key] <= 1.0
+    assert "eval/verify_tpr" in metrics or "eval/verify_tnr" in metrics
     assert meter.flops["eval"] > 0 and meter.seconds["eval"] > 0
+
+
+def _p_yes_teacher_forced(model, tok, prompts, traces):
+    """The definition, computed the plain way: every row runs prompt + "{trace} verdict" + eos whole."""
+    both = prompts + prompts
+    ids, mask = encode_prompts(tok, both, torch.device("cpu"))
+    cids, cmask = encode_completions(tok, [f"{t} yes" for t in traces] + [f"{t} no" for t in traces],
+                                     torch.device("cpu"))
+    logp, _ = completion_logprobs(model, Batch(ids, mask, cids, cmask, []))
+    seq = (logp * cmask).sum(-1)
+    return torch.sigmoid(seq[: len(prompts)] - seq[len(prompts) :])
+
+
+@pytest.mark.parametrize("which", ["nano", "smollm2"])
+def test_p_yes_from_the_shared_prefix_equals_teacher_forcing_both_verdicts(which, nano, request):
+    """The fast path (prompt and check once, the verdicts from its KV cache) gives the values of the definition:
+    the same up to float32 rounding of a different batch layout (1e-4), on a character and a BPE tokenizer."""
+    if which == "nano":
+        model, tok = nano
+        task = make_task(ArithmeticParams(digits=2))
+        problems = task.problems(8, "eval", seed=0)
+        answers = [p.solution if i % 2 else corrupt(p.solution, random.Random(i)) for i, p in enumerate(problems)]
+        traces = [task.check_trace(p, a) if i % 3 else "" for i, (p, a) in enumerate(zip(problems, answers))]
+    else:
+        model, tok = load_model(ModelConfig(path=str(request.getfixturevalue("smollm2_dir"))))
+        params = ArithmeticParams(digits=2, prompt_format="chat", system_prompt="You check sums.")
+        task = for_model(make_task(params), tok)
+        problems = task.problems(6, "eval", seed=0)
+        answers = [p.solution if i % 2 else corrupt(p.solution, random.Random(i)) for i, p in enumerate(problems)]
+        traces = ["", "I redo it: 12 + 30 = 42.\n", "Check:", "x", "Yes or no? The verdict:", "42 = 42,"]
+    prompts = [verify_prompt(task, p, a) for p, a in zip(problems, answers)]
+    model.eval()
+    fast, batch = p_yes(model, tok, prompts, traces)
+    with torch.no_grad():
+        slow = _p_yes_teacher_forced(model, tok, prompts, traces)
+    assert fast.shape == (len(prompts),) and torch.allclose(fast, slow, atol=1e-4), (fast, slow)
+    assert batch.prompt_ids.shape[0] == 2 * len(prompts) and float(slow.std()) > 0  # not a constant
+
+
+@pytest.mark.parametrize("which", ["nano", "smollm2"])
+def test_p_yes_continuing_the_checks_cache_equals_the_definition(which, nano, request):
+    """Evaluation reads P(yes) by continuing the KV cache of the greedy check it just wrote: the values of p_yes (the
+    prompt and check run again) within 1e-4, for checks that end in a verdict, run out of tokens or are empty."""
+    from rlscale.rl.self_verify import p_yes_after_check
+
+    if which == "nano":
+        model, tok = nano
+        task = make_task(ArithmeticParams(digits=2))
+    else:
+        model, tok = load_model(ModelConfig(path=str(request.getfixturevalue("smollm2_dir"))))
+        task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat")), tok)
+    problems = task.problems(6, "eval", seed=1)
+    answers = [p.solution if i % 2 else corrupt(p.solution, random.Random(i)) for i, p in enumerate(problems)]
+    prompts = [verify_prompt(task, p, a) for p, a in zip(problems, answers)]
+    model.eval()
+    for max_new in (1, 3, 12):  # a one-token check, short ones cut off, longer ones
+        checked = sample(model, tok, prompts, max_new, greedy=True, keep_cache=True)
+        traces = [split_trace(t) for t in checked.texts]
+        fused, (rows, fed, keys) = p_yes_after_check(model, tok, checked, traces)
+        plain, _ = p_yes(model, tok, prompts, traces)
+        assert torch.allclose(fused, plain, atol=1e-4), (max_new, fused, plain)
+        assert rows == 2 * len(prompts) and fed >= 1 and keys > 0
