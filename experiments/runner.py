@@ -31,7 +31,7 @@ from rlscale.experiments.warmstart import (
 )
 from rlscale.rl.accounting import Callback, cpu_devices
 from rlscale.rl.checkpoint import latest_checkpoint
-from rlscale.rl.model import pick_device
+from rlscale.rl.model import pick_device, pick_dtype
 from rlscale.rl.pipeline import RunResult, check_inputs, run_pipeline
 from rlscale.rl.tasks import Problem, Task
 from rlscale.tracking.cost import device_key, load_price_table
@@ -107,6 +107,8 @@ def run_experiment(
         "phase": cfg.tracking.phase, "recipe": recipe_of(cfg), "task": cfg.task.name, "model.name": cfg.model.name,
         "device.type": device.type, "device.name": name, "device.unit": table[price_key].unit,
         "device.count": f"{held:g}", "device.share": f"{device_share:g}", "world_size": str(world),
+        "device.dtype": str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch."),
+        "device.threads_vcpus": f"{1.0 if cuda else cpu_devices(torch.get_num_threads(), share=0.0):g}",  # MFU's peak
         "seed": str(cfg.seed), "rlscale.version": version("rlscale"),
     } | (tags or {})
     if sft_only:  # a shared SFT is no recipe's point: its score is the start of each RL run's curve

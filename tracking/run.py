@@ -339,6 +339,7 @@ class TrackedRun:
         self.summary = ""  # what the run is ("arithmetic on nano"): opens its description (`mlflow.note.content`)
         self.unit = str(tags.get("device.unit", "device"))
         self.devices = devices
+        self._hardware = {k: str(v) for k, v in tags.items() if k.startswith("device.")}  # for perf/*
         self._compute_at: tuple[float, int] | None = None  # (monotonic time, step) of the last compute metrics
         self.monitor = None
         if system_metrics:
@@ -510,9 +511,26 @@ class TrackedRun:
                    "compute/device_seconds/other": self.last.get("compute/device_seconds/other", 0.0) + extra,
                    "cost/usd": cost_usd(total, self.device, self.prices)}
         metrics |= self._lineage(metrics)
+        metrics |= self._perf(self.last | metrics)
         self.last |= metrics
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def _perf(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`perf/*`, MFU by phase (tracking/peak.py), from the run's compute metrics and the peak of the devices it
+        holds, which the tag `perf.peak_source` names; none when that peak is unknown (the tag says why)."""
+        if self.devices <= 0:
+            return {}
+        from rlscale.tracking.peak import device_peak, perf_metrics  # imports torch: not at module level
+
+        try:
+            peak = device_peak(self._hardware)
+        except Exception as e:  # a missing peak must not decide the run's fate
+            log.warning("no MFU for run %s: %s", self.run_id, _first_line(e))
+            self.set_tag("perf.peak_source", f"none: {_first_line(e)}")
+            return {}
+        self.set_tag("perf.peak_source", peak.source)
+        return perf_metrics(metrics, peak.flops, self.devices)
 
     def finish(self, status: str, tags: dict[str, str] | None = None) -> Path | None:
         """Send what is left, the `tags` and the final `status`; waits up to `store_wait_seconds` for the store,
