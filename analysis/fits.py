@@ -16,6 +16,7 @@ resampled with replacement.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares, minimize
 from scipy.special import expit, huber, logit, logsumexp
-from threadpoolctl import threadpool_limits  # installed with mlflow (via scikit-learn)
+from threadpoolctl import ThreadpoolController  # installed with mlflow (via scikit-learn)
 
 FORMS: dict[str, tuple[str, ...]] = {
     "power": ("a", "b"),
@@ -85,6 +86,13 @@ _SCORE_BOUNDS = {  # a score in [0, 1]: its levels too
     "saturating": ([0.0, 0.0, 0.0], [1.0, np.inf, 10.0]),
     "sigmoid": ([0.0, 0.0, 0.0, -np.inf], [1.0, 1.0, np.inf, np.inf]),
 }
+
+
+@functools.cache
+def _thread_pools() -> ThreadpoolController:
+    """The BLAS and OpenMP thread pools of this process, found once: finding them takes milliseconds, longer than
+    one bootstrap refit."""
+    return ThreadpoolController()
 
 
 @dataclass
@@ -166,23 +174,27 @@ def fit(
     seed: int = 0,
     score: bool = False,
     weights: ArrayLike | None = None,
+    start: Sequence[float] | None = None,
 ) -> Fit:
     """Fit `form` to (x, y), dropping points with x < exclude_below; x2 is D for chinchilla (x is then N). With
     `score`, y is a score in [0, 1] and so are the fitted levels (sigmoid R0 and A, saturating E) and intervals.
-    `weights` (> 0, one a point; not for chinchilla) weight each point's squared residual."""
+    `weights` (> 0, one a point; not for chinchilla) weight each point's squared residual. `start` (parameters in
+    FORMS order, e.g. an earlier fit's) is refined alone instead of searching a grid of starts: a bootstrap refit."""
     x, y, x2 = _data(x, y, form, x2)
     w = _weights(weights, len(x), form)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+    if start is not None and len(start) != len(FORMS[form]):
+        raise ValueError(f"start must have {len(FORMS[form])} values for {form}, got {len(start)}")
     keep = np.ones(len(x), dtype=bool) if exclude_below is None else x >= exclude_below
     x, y, x2, w = x[keep], y[keep], None if x2 is None else x2[keep], w[keep]
     k = len(FORMS[form])
-    distinct = len(np.unique(np.column_stack([x] if x2 is None else [x, x2]), axis=0))
+    distinct = len(np.unique(x)) if x2 is None else len(np.unique(np.column_stack([x, x2]), axis=0))
     if distinct < k:
         raise ValueError(f"{form} has {k} parameters but only {distinct} distinct points remain to fit")
     lx, lx2 = np.log(x), None if x2 is None else np.log(x2)
-    with threadpool_limits(limits=1):  # threaded BLAS makes L-BFGS-B on these tiny problems ~15x slower
-        best = _estimate(form, lx, y, lx2, None, score, w)
+    with _thread_pools().limit(limits=1):  # threaded BLAS makes L-BFGS-B on these tiny problems ~15x slower
+        best = _estimate(form, lx, y, lx2, None if start is None else np.asarray(start, float), score, w)
         draws = _bootstrap(form, lx, y, lx2, best, n_boot, seed, score, w)
     residual = _curve(form, best, x, x2) - y
     total = np.sum((y - y.mean()) ** 2)
@@ -462,12 +474,12 @@ def _bootstrap(
     """Estimates refitted (from `best`) on n_boot resamples of the points (each keeps its weight in `w`);
     degenerate resamples are skipped."""
     rng = np.random.default_rng(seed)
-    keys = np.column_stack([lx] if lx2 is None else [lx, lx2])
+    point = np.unique(np.column_stack([lx] if lx2 is None else [lx, lx2]), axis=0, return_inverse=True)[1].ravel()
     k = len(FORMS[form])
     draws = []
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
-        if len(np.unique(keys[i], axis=0)) < k:
+        if len(np.unique(point[i])) < k:  # distinct points (x, and x2) in the resample
             continue
         try:
             draws.append(_estimate(form, lx[i], y[i], None if lx2 is None else lx2[i], best, score,

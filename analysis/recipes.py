@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from rlscale.analysis.fits import extrapolation, fit
-from rlscale.analysis.runs import metric_histories
+from rlscale.analysis.runs import Progress, metric_histories
 
 SCORE, COMPUTE, HOURS, SAMPLES = "eval/accuracy", "compute/flops", "compute/gpu_hours", "data/samples/solve"
 PROBLEMS = "eval/problems"  # how many eval problems stand behind each score
@@ -32,30 +32,32 @@ HELD_OUT_CUT = 0.5  # the held-out check scores the points at or above this frac
 MAX_HELD_OUT_ERROR = 0.05  # a forecast is stated only when the held-out mean absolute error is at most this
 
 
-def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns") -> pd.DataFrame:
+def run_curves(runs: pd.DataFrame, uri: str | None = None, root: str | Path = "mlruns",
+               progress: Progress | None = None) -> pd.DataFrame:
     """Every held-out eval of every finished run with a `recipe` tag (after SFT, each quick eval in RL, the final
     one) with the run's cumulative compute (all of it, and RL's: less SFT and evals), device-hours, RL samples and
     the number of eval problems behind the score at that step (NaN where not logged), read from MLflow's history in
-    bulk. Shared SFT runs (phase=sft) are no curve. A run started from a shared SFT logs the SFT model's eval at the
-    SFT's steps with compute 0 and counts only its own work after it, so its RL compute (compute less its evals)
-    is on the same axis as a run that trained its own SFT (compute less SFT and evals)."""
-    rows = []
+    bulk; in run order (as in `runs`), then step order. Shared SFT runs (phase=sft) are no curve. A run started from
+    a shared SFT logs the SFT model's eval at the SFT's steps with compute 0 and counts only its own work after it,
+    so its RL compute (compute less its evals) is on the same axis as a run that trained its own SFT (compute less
+    SFT and evals)."""
     tagged = _recipe_runs(runs)
     keys = [SCORE, COMPUTE, HOURS, SAMPLES, PROBLEMS, *NOT_RL]
-    histories = metric_histories(list(tagged["run_id"]), keys, uri, root)  # in bulk: one query per key
-    by_run = dict(iter(histories.groupby("run_id", sort=False)))
-    for run in tagged.to_dict("records"):
-        recipe = run["tags.recipe"]
-        history = by_run.get(run["run_id"], histories.iloc[:0])  # a step logged twice: its latest value
-        frame = history.groupby(["step", "key"])["value"].last().unstack("key").reindex(columns=keys).sort_index()
-        frame[[*NOT_RL]] = frame.reindex(columns=list(NOT_RL)).ffill().fillna(0.0)  # absent: none spent
-        frame = frame.dropna(subset=[SCORE, COMPUTE])
-        for step, r in frame.iterrows():
-            rows.append({"run_id": run["run_id"], "recipe": recipe, "step": int(step), "score": r[SCORE],
-                         "flops": r[COMPUTE], "rl_flops": r[COMPUTE] - sum(r[k] for k in NOT_RL),
-                         "device_hours": r.get(HOURS), "samples": r.get(SAMPLES),
-                         "eval_problems": r.get(PROBLEMS)})
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    histories = metric_histories(list(tagged["run_id"]), keys, uri, root, at=SCORE, progress=progress)
+    if histories.empty:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    # one row a run and step, one column a key; a step logged twice: its latest value
+    frame = histories.groupby(["run_id", "step", "key"])["value"].last().unstack("key").reindex(columns=keys)
+    frame[[*NOT_RL]] = frame[[*NOT_RL]].groupby(level="run_id").ffill().fillna(0.0)  # absent: none spent
+    frame = frame.dropna(subset=[SCORE, COMPUTE]).reset_index()
+    position = pd.Series(range(len(tagged)), index=tagged["run_id"])
+    frame = frame.iloc[np.lexsort((frame["step"], frame["run_id"].map(position)))]
+    curves = pd.DataFrame({
+        "run_id": frame["run_id"], "recipe": frame["run_id"].map(tagged.set_index("run_id")["tags.recipe"]),
+        "step": frame["step"].astype(int), "score": frame[SCORE], "flops": frame[COMPUTE],
+        "rl_flops": frame[COMPUTE] - (frame[NOT_RL[0]] + frame[NOT_RL[1]]), "device_hours": frame[HOURS],
+        "samples": frame[SAMPLES], "eval_problems": frame[PROBLEMS]})
+    return curves.reset_index(drop=True) if len(curves) else pd.DataFrame(columns=CURVE_COLUMNS)
 
 
 def _recipe_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -166,7 +168,8 @@ def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP
     weighted = bool((n > 0).all())
     weights = n.to_numpy(float) if weighted else None
     best = fit(fitted_points[x], fitted_points["score"], "sigmoid", n_boot=0, score=True, weights=weights)
-    draws = _bootstrap_runs(fitted_points.assign(eval_problems=n), x, n_boot, seed, best.params.values(), weighted)
+    draws = _bootstrap_runs(fitted_points.assign(eval_problems=n), x, n_boot, seed, list(best.params.values()),
+                            weighted)
     target = horizon * top
     now, later = float(best.predict([top])[0]), float(best.predict([target])[0])
     heldout = _held_out(data, x, top, horizon, warmup)
@@ -192,14 +195,19 @@ def fit_recipe(curves: pd.DataFrame, x: str = "rl_flops", warmup: float = WARMUP
 
 
 def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, n_boot: int = 200,
-                    seed: int = 0, runs: pd.DataFrame | None = None) -> dict[str, Any]:
+                    seed: int = 0, runs: pd.DataFrame | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
     """Every recipe fitted against RL compute (and RL samples), each forecast at HORIZON x its own largest RL compute,
     ranked by that forecast (recipes whose held-out check fails come last, by fitted A), with which differences lie
     inside the intervals and whether RL is still paying. `labels` (recipe_labels) name the recipes in the
     statement. A recipe not fitted is in `skipped` with the reason counted from its data (too_few_points); with
-    `runs` (those `curves` came from), so are recipes whose runs gave no curve at all (why_no_curve)."""
+    `runs` (those `curves` came from), so are recipes whose runs gave no curve at all (why_no_curve). `progress`
+    is told each recipe fitted."""
     fits, skipped = [], {}
-    for recipe, group in curves.groupby("recipe", sort=True):
+    groups = list(curves.groupby("recipe", sort=True))
+    for done, (recipe, group) in enumerate(groups):
+        if progress is not None:
+            progress("fitting recipes", done, len(groups))
         if why := too_few_points(group):
             skipped[str(recipe)] = why
             continue
@@ -216,6 +224,8 @@ def compare_recipes(curves: pd.DataFrame, labels: dict[str, str] | None = None, 
         f["tapering"] = _tapering(f)
         f["label"] = (labels or {}).get(str(recipe), str(recipe))
         fits.append(f)
+    if progress is not None and groups:
+        progress("fitting recipes", len(groups), len(groups))
     if runs is not None:
         skipped |= {r: why for r, why in why_no_curve(runs, curves).items() if r not in skipped}
         skipped = dict(sorted(skipped.items()))
@@ -256,27 +266,33 @@ def sigmoid(p: Any, x: Any) -> Any:
 
 
 def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int, best: Any, eval_noise: bool) -> np.ndarray:
-    """Sigmoid parameters refitted on `n_boot` resamples of the runs (a run's points stay together). With
-    `eval_noise`, each resample also draws the error of the shared eval set: the points scored on the same problems
-    (same `eval_problems`; a smaller set is the first problems of a larger one) share one binomial error of sd
-    sqrt(p (1 - p) / n) at the fitted p, taken as common to every run and step (an upper bound), and the refit is
-    weighted by n as the fit is."""
+    """Sigmoid parameters refitted (from `best`) on `n_boot` resamples of the runs (a run's points stay together).
+    With `eval_noise`, each resample also draws the error of the shared eval set: the points scored on the same
+    problems (same `eval_problems`; a smaller set is the first problems of a larger one) share one binomial error
+    of sd sqrt(p (1 - p) / n) at the fitted p, taken as common to every run and step (an upper bound), and the refit
+    is weighted by n as the fit is."""
     rng = np.random.default_rng(seed)
-    ids = points["run_id"].unique()
-    by_run = {i: points[points["run_id"] == i] for i in ids}
+    run, ids = pd.factorize(points["run_id"])  # each point's run, numbered in order of first appearance
+    order = np.argsort(run, kind="stable")  # the points run by run, each run's in their own order
+    counts = np.bincount(run, minlength=len(ids))
+    first = np.cumsum(counts) - counts  # where each run's points start in `order`
+    xs, ys = points[x].to_numpy(float), points["score"].to_numpy(float)
+    problems = points["eval_problems"].to_numpy(float)
     sizes = np.sort(points["eval_problems"].unique()) if eval_noise else np.array([])
+    p_best = np.clip(sigmoid(list(best), xs), 0.0, 1.0) if eval_noise else None
     draws = []
     for _ in range(n_boot if len(ids) > 1 else 0):
-        sample = pd.concat([by_run[i] for i in rng.choice(ids, len(ids))])
-        score, weights = sample["score"].to_numpy(float), None
+        pick = rng.choice(len(ids), len(ids))
+        length = counts[pick]
+        rows = order[np.repeat(first[pick] - np.cumsum(length) + length, length) + np.arange(length.sum())]
+        score, weights = ys[rows], None
         if eval_noise:  # the sum of per-problem errors over the first n problems, one draw per set, nested
             total = np.cumsum(rng.normal(0.0, np.sqrt(np.diff(sizes, prepend=0.0))))
-            n = sample["eval_problems"].to_numpy(float)
-            p = np.clip(sigmoid(list(best), sample[x]), 0.0, 1.0)
+            n, p = problems[rows], p_best[rows]
             score = np.clip(score + np.sqrt(p * (1 - p)) * total[np.searchsorted(sizes, n)] / n, 0.0, 1.0)
             weights = n
         try:
-            f = fit(sample[x], score, "sigmoid", n_boot=0, score=True, weights=weights)
+            f = fit(xs[rows], score, "sigmoid", n_boot=0, score=True, weights=weights, start=list(best))
         except (ValueError, RuntimeError):
             continue
         draws.append(list(f.params.values()))

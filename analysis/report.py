@@ -62,7 +62,7 @@ from rlscale.analysis.recipes import (
     run_curves,
     sigmoid,
 )
-from rlscale.analysis.runs import FATES, load_run_ids, load_runs
+from rlscale.analysis.runs import FATES, Progress, load_run_ids, load_runs
 from rlscale.tracking.run import experiment_id, tracking_uri
 
 SCORE, COMPUTE = "eval/accuracy", "compute/flops"
@@ -78,6 +78,8 @@ MIN_GROUP = min(len(FORMS[f]) + 1 for f in SCORE_FORMS)  # distinct compute valu
 NO_TAG = {"recipe": "(no recipe tag)", "model size": "(no model name)"}
 HORIZON = 10.0  # the extrapolation reaches this multiple of the largest run's compute
 HELD_OUT = 0.25  # share of the distinct compute values held out above the extrapolation cut
+# Bootstrap resamples by default: MAX_BOOT, or BOOT_POINTS over the points one resample refits, at least MIN_BOOT
+MAX_BOOT, MIN_BOOT, BOOT_POINTS = 200, 50, 2_000_000
 PLOTS = {
     "score_vs_compute": "Score vs compute, with the fitted laws extrapolated to 10x the largest run",
     "score_vs_data": "Score vs RL data volume",
@@ -108,15 +110,21 @@ class ReportResult:
 
 def build_report(uri: str | None, experiments: list[str] | None, ledger: str | Path | None,
                  final_run_id: str | None, out: str | Path, *, root: str | Path = "mlruns",
-                 log_to_mlflow: bool = True, prices: str | Path | None = None) -> ReportResult:
+                 log_to_mlflow: bool = True, prices: str | Path | None = None, n_boot: int | None = None,
+                 progress: Progress | None = None) -> ReportResult:
     """Write the report of the named experiments (all when None) of the store `uri` into `out`.
 
     `ledger` is a TOML ledger of costs outside MLflow; `final_run_id` overrides the run tagged phase=final. With
     `log_to_mlflow`, the files become the artifacts of a new run tagged phase=report in the experiment "reports"
     (artifacts under `<root>/artifacts/reports` on the embedded SQLite store). With `prices`, every run's cost is
-    recomputed with that price table."""
+    recomputed with that price table. `n_boot` is the number of bootstrap resamples behind every interval and band
+    (None: default_bootstrap's for this store). `progress` is told (what, done, total) as the work advances."""
+    if n_boot is not None and n_boot < 0:
+        raise ValueError(f"the number of bootstrap resamples must be >= 0, got {n_boot}")
+    step = progress or (lambda what, done, total: None)
     out = Path(out)
     ledger_items = load_ledger(ledger) if ledger else None  # everything is read and checked before anything is written
+    step("reading runs", 0, 1)
     runs = load_runs(uri, experiments, root=root)
     runs = runs[_phase(runs) != "report"].reset_index(drop=True)
     if prices is not None:
@@ -125,14 +133,18 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     if cost["final_run_id"] and (outside := _ancestors(runs, cost["final_run_id"], uri, root)) is not None:
         cost = project_cost(runs, ledger_items, final_run_id,  # the lineage names runs of other experiments
                             reprice(outside, prices) if prices is not None else outside)
+    step("reading runs", 1, 1)
     labels = recipe_labels(runs)
     points = score_points(runs)
-    fits, fitted = fit_groups(points, labels, cost["final_run_id"])
-    curves = run_curves(runs, uri, root)
-    comparison = compare_recipes(curves, labels, runs=runs)
+    curves = run_curves(runs, uri, root, progress=progress)
+    boot = default_bootstrap(len(curves), len(points)) if n_boot is None else n_boot
+    fits, fitted = fit_groups(points, labels, cost["final_run_id"], n_boot=boot, progress=progress)
+    comparison = compare_recipes(curves, labels, n_boot=boot, runs=runs, progress=progress)
     comparison["nothing_drawn"] = no_curve_reason(runs, curves) if not (curves["rl_flops"] > 0).any() else None
     fits["recipes"] = comparison.pop("recipes")
     fits["recipe_comparison"] = comparison
+    fits["bootstrap"] = {"resamples": boot, "sized_for_store": n_boot is None}
+    step("drawing plots", 0, 1)
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names in plots are literal text
         pngs = {"score_vs_compute": _plot_score_vs_compute(points, fitted, fits, cost["final_run_id"], runs),
                 "score_vs_data": _plot_score_vs_data(points, runs),
@@ -145,6 +157,8 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
               + _recipe_blocks(fits))
     files = {"html": out / "report.html", "markdown": out / "report.md", "runs_csv": out / "runs.csv",
              "cost_json": out / "cost.json", "fits_json": out / "fits.json"}
+    step("drawing plots", 1, 1)
+    step("writing files", 0, 1)
     _claim_out(out, [*plots.values(), *files.values()])  # a folder or file rlscale did not write is refused
     for name, png in pngs.items():
         _write(plots[name], png)
@@ -155,7 +169,16 @@ def build_report(uri: str | None, experiments: list[str] | None, ledger: str | P
     _write(files["fits_json"], json_text(fits).encode())
     run_id = (_log_report(tracking_uri(uri, Path(root)), Path(root), list(files.values()), out / "plots", experiments)
               if log_to_mlflow else None)
+    step("writing files", 1, 1)
     return ReportResult(out=out, **files, plots=plots, cost=cost, fits=fits, report_run_id=run_id)
+
+
+def default_bootstrap(eval_points: int, scored_runs: int) -> int:
+    """Bootstrap resamples sized for the store: MAX_BOOT, or fewer when one resample refits many points (each
+    recipe's eval points against RL compute and RL samples, each scored run in three score forms):
+    BOOT_POINTS / (2 x eval_points + 3 x scored_runs), at least MIN_BOOT."""
+    points = 2 * eval_points + 3 * scored_runs
+    return MAX_BOOT if points == 0 else max(MIN_BOOT, min(MAX_BOOT, BOOT_POINTS // points))
 
 
 OUT_MARKER = ".rlscale.json"  # in --out: {"kind": "report", "files": [...]}, the files rlscale wrote there
@@ -276,21 +299,27 @@ def _grouping(points: pd.DataFrame, labels: dict[str, str]) -> tuple[str, str | 
     return "all runs", f"no {why}", pooled, {}
 
 
-def fit_groups(points: pd.DataFrame, labels: dict[str, str] | None = None,
-               final_run_id: str | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Fit]]]:
+def fit_groups(points: pd.DataFrame, labels: dict[str, str] | None = None, final_run_id: str | None = None,
+               n_boot: int = MAX_BOOT, progress: Progress | None = None
+               ) -> tuple[dict[str, Any], dict[str, dict[str, Fit]]]:
     """The score fits of every group of points (_grouping): each group's fit_scores summary (with `by`, `group`,
     `label`, `run_ids`, what it pools and its forecast verdict) under "groups", the group holding the final run
     first (else the largest); the top level repeats that headline group's fit, with `n_points` and `run_ids` of
     every point, `grouped_by`, `pooled_reason` (why one curve pools recipes or model sizes, None otherwise) and
-    `unfitted_groups` (group: why it has too few runs). Returns it and each group's fitted forms."""
+    `unfitted_groups` (group: why it has too few runs). Returns it and each group's fitted forms. `n_boot`
+    bootstrap resamples make each form's intervals; `progress` is told each group fitted."""
     by, reason, groups, unfitted = _grouping(points, labels or {})
     summaries, fitted = [], {}
-    for group, label, g in groups:
-        summary, forms = fit_scores(g[MODEL_FLOPS].to_numpy(), g[SCORE].to_numpy())
+    for done, (group, label, g) in enumerate(groups):
+        if progress is not None:
+            progress("fitting score vs compute", done, len(groups))
+        summary, forms = fit_scores(g[MODEL_FLOPS].to_numpy(), g[SCORE].to_numpy(), n_boot)
         summary |= {"by": by, "group": group, "label": label, "run_ids": list(g["run_id"]), "pooled": _pooled(g)}
         _judge_forecast(summary)
         summaries.append(summary)
         fitted[group] = forms
+    if progress is not None:
+        progress("fitting score vs compute", len(groups), len(groups))
     summaries.sort(key=lambda f: (final_run_id not in f["run_ids"], -f["n_points"]))
     fits = dict(summaries[0]) | {"n_points": len(points), "run_ids": list(points["run_id"]), "pooled": _pooled(points),
                                  "grouped_by": by, "pooled_reason": reason, "headline": summaries[0]["group"],
@@ -298,8 +327,9 @@ def fit_groups(points: pd.DataFrame, labels: dict[str, str] | None = None,
     return fits, fitted
 
 
-def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, Fit]]:
-    """Each form of SCORE_FORMS fitted to score y vs compute x, the held-out extrapolation check and the next 10x.
+def fit_scores(x: np.ndarray, y: np.ndarray, n_boot: int = MAX_BOOT) -> tuple[dict[str, Any], dict[str, Fit]]:
+    """Each form of SCORE_FORMS fitted to score y vs compute x (intervals from `n_boot` bootstrap resamples), the
+    held-out extrapolation check and the next 10x.
 
     A form needs one distinct compute value more than its parameters; a form that cannot be fitted is listed in
     "skipped" with the reason. The best form is the one with the lowest held-out rmse (else training rmse)."""
@@ -317,7 +347,7 @@ def fit_scores(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], dict[str, 
             summary["skipped"][form] = f"every score is {y[0]:g}: no trend to fit"
         else:
             try:
-                fitted[form] = fit(x, y, form, score=True)
+                fitted[form] = fit(x, y, form, score=True, n_boot=n_boot)
             except (ValueError, RuntimeError) as e:
                 summary["skipped"][form] = str(e)
     summary["forms"] = {form: f.to_dict() | {"law": LAWS[form]} for form, f in fitted.items()}
@@ -684,7 +714,8 @@ def _recipe_blocks(fits: dict[str, Any]) -> list[Block]:
                                  "(quick evals score the first grpo.eval_problems problems, the evals after SFT and "
                                  "at the end all eval.problems), so both kinds sit on one curve at their own "
                                  "precision. A is the asymptote, B and C_mid the efficiency; intervals are 95% "
-                                 "bootstrap over runs, so seeds count, with the binomial noise of the shared eval "
+                                 f"bootstrap over runs ({fits['bootstrap']['resamples']} resamples), so seeds count, "
+                                 "with the binomial noise of the shared eval "
                                  f"set added. Each recipe is forecast at {RECIPE_HORIZON:g}x its own largest RL "
                                  "compute, and only when the same fit made one "
                                  f"{RECIPE_HORIZON:g}x earlier (below 1/{RECIPE_HORIZON:g} of the largest compute) "
@@ -897,10 +928,12 @@ def _plot_recipes(curves: pd.DataFrame, recipes: list[dict[str, Any]], skipped: 
         f = by_recipe.get(recipe)
         runs = drawn[drawn["recipe"] == recipe]
         name = f["label"] if f else recipe
-        for i, (_, run) in enumerate(runs.groupby("run_id")):
-            ax.plot(run["rl_flops"], run["score"], "o-", ms=4, lw=0.8, alpha=0.6, color=color,
-                    label=(f"{name}: {runs['run_id'].nunique()} run(s)" + ("" if f else ", not fitted"))
-                    if i == 0 else None)
+        # one line for all its runs, broken (NaN) after each run's last eval: one artist, not one a run
+        line = runs.sort_values("run_id", kind="stable", ignore_index=True)
+        last = line["run_id"].ne(line["run_id"].shift(-1))
+        line = pd.concat([line, line[last].assign(rl_flops=np.nan, score=np.nan)]).sort_index(kind="stable")
+        ax.plot(line["rl_flops"], line["score"], "o-", ms=4, lw=0.8, alpha=0.6, color=color,
+                label=f"{name}: {runs['run_id'].nunique()} run(s)" + ("" if f else ", not fitted"))
         if f is None:
             continue
         p = f["params"]

@@ -112,35 +112,93 @@ def metric_history(run_id: str, key: str, uri: str | None = None, root: str | Pa
 
 HISTORY_COLUMNS = ["run_id", "key", "step", "timestamp", "value"]
 BULK_RUNS = 500  # run ids in one bulk history query (SQLite takes at least 999 bound variables)
+BULK_DIALECTS = ("sqlite", "postgresql")  # stores whose `metrics` table metric_histories reads directly
+Progress = Callable[[str, int, int], None]  # told (what, done, total) as long work advances
 
 
 def metric_histories(run_ids: list[str], keys: list[str] | tuple[str, ...], uri: str | None = None,
-                     root: str | Path = "mlruns") -> pd.DataFrame:
-    """Every logged value of each metric in `keys` of each run, read in bulk: run_id, key, step, timestamp (UTC) and
-    value, in run, key, step and timestamp order. On a SQL store (SQLite, PostgreSQL, ...) one query per key and
-    BULK_RUNS runs; on another store (a tracking server) one call per run and key, with one client."""
-    ids = list(dict.fromkeys(run_ids))
-    rows: list[tuple] = []
+                     root: str | Path = "mlruns", *, at: str | None = None,
+                     progress: Progress | None = None) -> pd.DataFrame:
+    """Every logged value of each metric in `keys` of each run, as MlflowClient.get_metric_history returns them:
+    run_id, key, step, timestamp (UTC) and value (NaN where NaN was logged), in run, key, step, timestamp and value
+    order. On a SQLite or PostgreSQL store, read in bulk: one query per BULK_RUNS runs on MLflow's `metrics` table
+    (the client has no bulk call); on another store (a tracking server) one call per run and key, with one client.
+
+    With `at` (a metric), a bulk read keeps only the rows that decide each key's value at the steps where `at` was
+    logged (not NaN), taken there or carried forward: for each such step and key, the key's latest non-NaN row at its
+    last step at or before it. A run that logs compute every step and evals every few hundred then reads about one
+    row a key and eval, not every step's. Another store's read keeps every row. `progress` is told the runs read."""
+    ids, keys = list(dict.fromkeys(run_ids)), list(dict.fromkeys(keys))
+    df = pd.DataFrame(columns=HISTORY_COLUMNS)
     if ids and keys:  # nothing to read: the store is left as it is (an embedded one is not even created)
         uri = tracking_uri(uri, Path(root))
         try:
             probe_database(uri)
-            client = MlflowClient(uri)
-            bulk = getattr(client._tracking_client.store, "get_metric_history_bulk", None)
-            for key in keys:
-                for i in range(0, len(ids), BULK_RUNS):
-                    chunk = ids[i:i + BULK_RUNS]
-                    if bulk is not None:
-                        rows += [(m.run_id, key, m.step, m.timestamp, m.value)
-                                 for m in bulk(chunk, key, max_results=2**62)]
-                    else:
-                        rows += [(rid, key, m.step, m.timestamp, m.value)
-                                 for rid in chunk for m in client.get_metric_history(rid, key)]
+            if uri.split(":", 1)[0].split("+", 1)[0] in BULK_DIALECTS:
+                df = _sql_histories(uri, ids, keys, at, progress)
+            else:
+                client, rows = MlflowClient(uri), []
+                for done, run_id in enumerate(ids):
+                    if progress is not None:
+                        progress("reading metric histories", done, len(ids))
+                    rows += [(run_id, key, m.step, m.timestamp, m.value)
+                             for key in keys for m in client.get_metric_history(run_id, key)]
+                df = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
         except (MlflowException, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
             raise _store_error(uri, e) from None
-    df = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+        if progress is not None:
+            progress("reading metric histories", len(ids), len(ids))
+    df = df.astype({"step": "int64", "timestamp": "int64", "value": "float64"})
     df["timestamp"] = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
-    return df.sort_values(["run_id", "key", "step", "timestamp"], kind="stable", ignore_index=True)
+    return df.sort_values(["run_id", "key", "step", "timestamp", "value"], kind="stable", ignore_index=True)
+
+
+_METRICS = sqlalchemy.table("metrics", sqlalchemy.column("run_uuid"), sqlalchemy.column("key"),
+                            sqlalchemy.column("step"), sqlalchemy.column("timestamp"), sqlalchemy.column("value"),
+                            sqlalchemy.column("is_nan", sqlalchemy.Boolean))  # MLflow's, the columns read
+
+
+def _sql_histories(uri: str, ids: list[str], keys: list[str], at: str | None,
+                   progress: Progress | None) -> pd.DataFrame:
+    """The rows of MLflow's `metrics` table for these runs and keys (with `at`, only those metric_histories
+    describes), BULK_RUNS runs a query; a NaN logged (stored as 0 with is_nan) is NaN again."""
+    engine = sqlalchemy.create_engine(uri)
+    chunks = []
+    try:
+        with engine.connect() as db:
+            for i in range(0, len(ids), BULK_RUNS):
+                if progress is not None:
+                    progress("reading metric histories", i, len(ids))
+                chunk = ids[i:i + BULK_RUNS]
+                query = (sqlalchemy.select(*_METRICS.c).where(_METRICS.c.key.in_(keys), _METRICS.c.run_uuid.in_(chunk))
+                         if at is None else _rows_at(chunk, keys, at))
+                chunks.append(pd.DataFrame(db.execute(query).all(), columns=[*HISTORY_COLUMNS, "is_nan"]))
+    finally:
+        engine.dispose()
+    df = pd.concat(chunks, ignore_index=True)
+    df["value"] = df["value"].astype("float64").where(~df.pop("is_nan").astype(bool))
+    return df
+
+
+def _rows_at(ids: list[str], keys: list[str], at: str) -> sqlalchemy.Select:
+    """For each step where `at` was logged (not NaN) and each key: the key's latest row (by timestamp, then value)
+    at its last step at or before it, not NaN; each found by index lookups (run, key, step), whatever the history's
+    length. The rows a reader needs that takes a key's last value at that step, or carries it forward."""
+    steps = (sqlalchemy.select(_METRICS.c.run_uuid, _METRICS.c.step)
+             .where(_METRICS.c.key == at, _METRICS.c.run_uuid.in_(ids), ~_METRICS.c.is_nan).distinct().cte("at_steps"))
+    earlier = _METRICS.alias("earlier")
+
+    def latest(key: str, column: str) -> sqlalchemy.ScalarSelect:
+        return (sqlalchemy.select(earlier.c[column])
+                .where(earlier.c.run_uuid == steps.c.run_uuid, earlier.c.key == key, earlier.c.step <= steps.c.step,
+                       ~earlier.c.is_nan)
+                .order_by(earlier.c.step.desc(), earlier.c.timestamp.desc(), earlier.c.value.desc())
+                .limit(1).scalar_subquery())
+
+    found = sqlalchemy.union(*(sqlalchemy.select(steps.c.run_uuid, *(latest(key, c).label(c) for c in
+                                                                     ("key", "step", "timestamp", "value")))
+                               for key in keys)).subquery("found")
+    return sqlalchemy.select(*found.c, sqlalchemy.false().label("is_nan")).where(found.c.key.is_not(None))
 
 
 def _core(run, names: dict[str, str]) -> dict:

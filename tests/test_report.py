@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import shutil
@@ -15,6 +14,7 @@ import pytest
 from conftest import Boom
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from tiny import fake_runs
 
 from rlscale.analysis.cost import load_ledger, project_cost
 from rlscale.analysis.report import PLOTS, build_report, md
@@ -168,7 +168,7 @@ def test_report_run_holds_the_files_and_is_left_out_of_later_reports(real, tmp_p
 def test_fits_on_fake_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "mlruns"
-    fates = _fake_runs().write_fake_runs(root / "mlflow.db", n=120, seed=1)
+    fates = fake_runs().write_fake_runs(root / "mlflow.db", n=120, seed=1)
     client = MlflowClient(tracking_uri(None, root))
     exp = client.get_experiment_by_name("scaling-nano").experiment_id
     t0 = 1_750_000_000_000
@@ -228,15 +228,6 @@ def test_chromium_renders_every_image(real, tmp_path):
     found = re.search(r"RENDERED (\d+)/(\d+)", done.stdout)
     assert found, (done.returncode, done.stdout[-500:], done.stderr[-2000:])
     assert found.groups() == ("6", "6")
-
-
-def _fake_runs():
-    """benchmarks/fake_runs.py as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_runs.py"
-    spec = importlib.util.spec_from_file_location("fake_runs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_no_forecast_when_no_law_extrapolates(tmp_path, monkeypatch):

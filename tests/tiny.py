@@ -1,8 +1,10 @@
 """The tiny experiment most tests train: a nano model on 1-digit addition, a few steps of each phase, recorded in a
-store under the test's temp dir. Tables the caller appends ([sweep], [grid.axes], ...) follow [tracking]."""
+store under the test's temp dir. Tables the caller appends ([sweep], [grid.axes], ...) follow [tracking]. Also
+`fake_runs()`, the store writer of benchmarks/fake_runs.py."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 TINY = """
@@ -43,3 +45,12 @@ def write_tiny(tmp: Path, name: str = "exp", text: str = "", **kwargs) -> str:
     path = Path(tmp) / f"{name}.toml"
     path.write_text(tiny_toml(tmp, name, text, **kwargs))
     return str(path)
+
+
+def fake_runs():
+    """benchmarks/fake_runs.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_runs.py"
+    spec = importlib.util.spec_from_file_location("fake_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
