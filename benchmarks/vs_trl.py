@@ -193,12 +193,13 @@ def worker(job: dict) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def spawn(job: dict) -> dict:
+def spawn(job: dict, script: str = __file__) -> dict:
+    """Run one side in its own process (`script --worker JOB`); its RESULT line, and the process's wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"]),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
                        env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
