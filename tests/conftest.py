@@ -49,6 +49,17 @@ class Boom:
             raise self.exc
 
 
+@pytest.fixture(autouse=True)
+def peak_cache(tmp_path_factory, monkeypatch):
+    """Tests never write the user's cache (~/.cache/rlscale): each session has its own, also for the subprocesses it
+    starts. In-process runs get a fixed CPU GEMM peak: the run-end measurement (1 s of matmuls) would otherwise land
+    inside the FLOP counters the tests wrap around training (tests/test_gpu_check.py measures it for real)."""
+    from rlscale.tracking import peak
+
+    monkeypatch.setenv("RLSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "rlscale-cache"))
+    monkeypatch.setattr(peak, "gemm_flops", lambda dtype, *a, **k: (1e11, 512))
+
+
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()

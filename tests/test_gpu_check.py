@@ -21,6 +21,7 @@ from rlscale.tracking import peak
 from rlscale.tracking.cost import normalise
 from rlscale.tracking.run import TrackedRun, tracking_uri
 
+REAL_GEMM_FLOPS = peak.gemm_flops  # taken at import, before conftest's fixture replaces it
 REPO = Path(__file__).resolve().parent.parent
 H200 = "https://www.nvidia.com/en-us/data-center/h200/"
 
@@ -42,6 +43,7 @@ def test_gpu_peaks_come_from_the_datasheet_table():
 
 
 def test_cpu_peak_is_measured_once_per_key_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(peak, "gemm_flops", REAL_GEMM_FLOPS)  # conftest fixes it for every other test
     path = tmp_path / "peak_flops.json"
     vcpus = 2.0
     first = peak.cpu_peak("Test CPU", "float32", vcpus, path)  # a real measurement, about a second
