@@ -59,14 +59,19 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", default="experiments/smollm2.toml")
+def seeds_parser(doc: str, config: str, out: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over seeds of one config (this one's and benchmarks/smollm2_verify.py's)."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--config", default=config)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="benchmarks/results/smollm2_seeds.json")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--plot-only", action="store_true", help="Redraw the plot of --out without training.")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = seeds_parser(__doc__, "experiments/smollm2.toml", "benchmarks/results/smollm2_seeds.json").parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return

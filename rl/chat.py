@@ -4,7 +4,9 @@ The question is asked in words with the answer convention stated ("Put the final
 final answer is the content of the last `\\boxed{...}` of the reply (or a last `Answer: ...` line) and goes to the
 task's own verifier. Cold-start SFT targets are a short explanation and `The answer is \\boxed{...}.`.
 Self-verification in words: the model is shown the problem and an answer, redoes the problem, compares, and ends
-with `Verdict: yes` or `Verdict: no` (the verdict word is what `rl.self_verify` parses and scores).
+with `Verdict: yes` or `Verdict: no` (the verdict word is what `rl.self_verify` parses and scores). With
+`task.check = "verdict"` the model's own reply stays in the conversation and a second user turn asks whether it is
+right: the answer is one word, yes or no.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rlscale.rl.tasks import Problem, Task
 
 ANSWER_RULE = "Put the final answer in \\boxed{}."
 VERIFY_RULE = 'Solve it yourself, compare, and end with "Verdict: yes" (correct) or "Verdict: no" (wrong).'
+VERDICT_RULE = "Check your work. Is the final answer correct? Reply yes or no."
 MAX_REPLY_CHARS = 4000  # longer replies are cut before parsing (the verifier's input stays bounded)
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.{1,200}?)\s*$")
@@ -45,11 +48,14 @@ class ChatTask(Task):
         self.base, self.tokenizer, self.system_prompt = base, tokenizer, system_prompt
         self.name = base.name  # the same problem keys, hence the same train/eval split
 
-    def render(self, user: str) -> str:
-        """One user turn (after the optional system prompt) through the chat template, ready for the reply."""
+    def render(self, user: str, reply: str | None = None, follow_up: str | None = None) -> str:
+        """One user turn (after the optional system prompt) through the chat template, ready for the reply; with
+        `reply` and `follow_up`, the model's reply to it and a second user turn, ready for the second reply."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        text = self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": user}], tokenize=False,
-                                                  add_generation_prompt=True)
+        messages.append({"role": "user", "content": user})
+        if reply is not None:
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": follow_up}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         bos = self.tokenizer.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text  # encode_prompts adds bos itself
 
@@ -80,6 +86,12 @@ class ChatTask(Task):
         return answer if answer is not None else completion.strip()[:200]
 
     def verify_prompt(self, problem: Problem, completion: str) -> str:
+        """`check = "written"`: the problem and the proposed final answer, to be redone and compared; `"verdict"`:
+        the conversation in which the model gave `completion` (its work included), then the question whether it is
+        right."""
+        if self.params.check == "verdict":
+            return self.render(f"{self.base.question(problem)}\n{ANSWER_RULE}", completion.strip()[:MAX_REPLY_CHARS],
+                               VERDICT_RULE)
         return self.render(f"Problem: {self.base.question(problem)}\nProposed answer: "
                            f"{self.answer_text(completion)}\n{VERIFY_RULE}")
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlscale.rl.accounting import Meter
 from rlscale.rl.generate import sample
-from rlscale.rl.self_verify import p_yes_after_check, split_trace, verify_prompt
+from rlscale.rl.self_verify import p_yes, p_yes_after_check, split_trace, verify_prompt
 from rlscale.rl.tasks import Problem, Task
 
 
@@ -80,14 +80,23 @@ def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: 
     return texts
 
 
-def _check(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter) -> tuple[list[str], list[float]]:
+def _check(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, written: bool) -> tuple[list[str], list[float]]:
     """Each answer checked by the model: a greedy written check, then its verdict's P(yes) read by continuing the
-    check's KV cache (`p_yes_after_check`: the values of `p_yes` without running prompt and check again)."""
+    check's KV cache (`p_yes_after_check`: the values of `p_yes` without running prompt and check again); without
+    a written check (`task.check = "verdict"`), P(yes) read in one pass."""
     texts: list[str] = []
     probs: list[float] = []
     for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i : i + cfg.batch_size]
+        if not written:
+            with meter.phase("eval"):
+                p, judged = p_yes(model, tokenizer, chunk, [""] * len(chunk))
+            meter.add("eval", meter.fm.logprobs(judged, dedupe=True))
+            texts += [""] * len(p)
+            probs += p.tolist()
+            continue
         with meter.phase("eval"):
-            b = sample(model, tokenizer, prompts[i : i + cfg.batch_size], cfg.verify_max_new_tokens, greedy=True,
+            b = sample(model, tokenizer, chunk, cfg.verify_max_new_tokens, greedy=True,
                        keep_cache=True)
             p, (rows, fed, keys) = p_yes_after_check(model, tokenizer, b, [split_trace(t) for t in b.texts])
         b.cache = None  # its memory back before the next chunk
@@ -115,11 +124,11 @@ def evaluate(
     rows = [p for p in problems for _ in range(n)]
     sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator, cfg.max_new_tokens)
     ok = [task.is_correct(p, c) for p, c in zip(rows, sampled)]
-    # the model checks each answer: a greedy check, then P(yes) vs P(no) as its verdict (both deterministic, so
-    # an answer given twice to the same problem is checked once)
+    # the model checks each answer: a greedy check (unless it gives only a verdict), then P(yes) vs P(no) as its
+    # verdict (both deterministic, so an answer given twice to the same problem is checked once)
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
     distinct = list(dict.fromkeys(vprompts))
-    checked, trusted = _check(model, tokenizer, distinct, cfg, meter)
+    checked, trusted = _check(model, tokenizer, distinct, cfg, meter, task.params.check == "written")
     check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
     checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]

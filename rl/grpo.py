@@ -21,7 +21,7 @@ from rlscale.rl import distributed
 from rlscale.rl.accounting import Callback, Meter
 from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
-from rlscale.rl.self_verify import NO, YES, corrupt, p_yes, verdict_reward, verify_prompt
+from rlscale.rl.self_verify import balanced_own, check_target, corrupt, p_yes, verdict_reward, verify_prompt
 from rlscale.rl.tasks import Task
 
 
@@ -64,6 +64,11 @@ class GRPOConfig(BaseModel):
     verify_balanced: bool = Field(
         True, description="Show right and wrong answers for checking at equal odds (own answers where they fit)."
     )
+    verify_own: bool = Field(
+        False, description="Check only the step's own answers, labelled by the program verifier, the larger class cut "
+        "to the smaller's size (GenRM), trained by the supervised check loss alone (needs verify_sft_coef > 0, "
+        "verify_coef = 0)."
+    )
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
@@ -73,6 +78,9 @@ class GRPOConfig(BaseModel):
         if self.reward == "self_verdict" and self.self_verify:
             raise ValueError("grpo.reward = 'self_verdict' is label-free, but grpo.self_verify trains the verdicts on "
                              "the answers: set grpo.self_verify = false")
+        if self.verify_own and not (self.self_verify and self.verify_sft_coef > 0 and self.verify_coef == 0):
+            raise ValueError("grpo.verify_own trains the check on the model's own answers by the supervised check "
+                             "loss: it needs grpo.self_verify = true, verify_sft_coef > 0 and verify_coef = 0")
         return self
 
 
@@ -217,32 +225,42 @@ def train_grpo(
         meter.count(problems=len(problems), samples_solve=len(rows), tokens_prompt=int(solve.prompt_mask.sum()),
                     tokens_generated=int(solve.completion_mask.sum()))
 
-        # 2. self-verification: the model checks answers, its own where they fit a class drawn at equal odds
-        #    (else the reference, or its answer perturbed); reward = agreement with the program verifier
+        # 2. self-verification: the model checks answers. Own answers only (verify_own, GenRM): the step's answers
+        #    labelled by the program verifier, the larger class cut to the smaller's size. Else a class drawn at equal
+        #    odds for each answer, its own where it fits (else the reference, or its answer perturbed); a sampled
+        #    check is rewarded by agreement with the program verifier (RISE).
         if cfg.self_verify:
-            shown = list(solve.texts)
-            if cfg.verify_balanced:
+            shown, checked_rows = list(solve.texts), list(rows)
+            if cfg.verify_own:
+                keep = balanced_own(correct, rng)
+                shown, checked_rows = [shown[i] for i in keep], [rows[i] for i in keep]
+            elif cfg.verify_balanced:
                 for i, (p, ok) in enumerate(zip(rows, correct)):
                     want_correct = rng.random() < 0.5
                     if want_correct and not ok:
                         shown[i] = p.solution
                     elif not want_correct and ok:
                         shown[i] = corrupt(shown[i].strip(), rng)
-            truth = [task.is_correct(p, c) for p, c in zip(rows, shown)]
-            with meter.phase("verify_rollout"):
-                verify = sample(model, tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
-                                cfg.verify_max_new_tokens, cfg.temperature, generator=generator)
-            meter.add("verify_rollout", fm.generation(verify))
-            v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
-            batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
-                            cfg.verify_coef))
-            meter.count(samples_verify=len(rows), tokens_prompt=int(verify.prompt_mask.sum()),
-                        tokens_generated=int(verify.completion_mask.sum()))
-            if cfg.verify_sft_coef > 0:  # the program's own check of the same answers, for teacher forcing
-                targets = [f"{task.check_trace(p, c)} {YES if ok else NO}" for p, c, ok in zip(rows, shown, truth)]
-                check = Batch(*encode_prompts(tokenizer, [verify_prompt(task, p, c) for p, c in zip(rows, shown)],
-                                              device), *encode_completions(tokenizer, targets, device), targets)
-                check_tokens = distributed.per_rank_mean(check.completion_mask.sum().clamp(min=1))
+            truth = [task.is_correct(p, c) for p, c in zip(checked_rows, shown)]
+            judge = [verify_prompt(task, p, c) for p, c in zip(checked_rows, shown)]
+            if cfg.verify_coef > 0:
+                with meter.phase("verify_rollout"):
+                    verify = sample(model, tokenizer, judge, cfg.verify_max_new_tokens, cfg.temperature,
+                                    generator=generator)
+                meter.add("verify_rollout", fm.generation(verify))
+                v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
+                batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
+                                cfg.verify_coef))
+                meter.count(samples_verify=len(judge), tokens_prompt=int(verify.prompt_mask.sum()),
+                            tokens_generated=int(verify.completion_mask.sum()))
+            check = None  # the program's own check of the same answers, teacher-forced (none: no answer to check)
+            if cfg.verify_sft_coef > 0 and judge:
+                targets = [check_target(task, p, c, ok) for p, c, ok in zip(checked_rows, shown, truth)]
+                check = Batch(*encode_prompts(tokenizer, judge, device),
+                              *encode_completions(tokenizer, targets, device), targets)
+            if cfg.verify_sft_coef > 0:  # every rank joins the mean, with or without answers to check
+                n_check = check.completion_mask.sum() if check is not None else torch.zeros((), device=device)
+                check_tokens = distributed.per_rank_mean(n_check.clamp(min=1))
 
         # 3. log-probs of the sampling policy (only needed when mu > 1) and of the reference (only when beta > 0)
         old, ref = {}, {}
@@ -282,7 +300,7 @@ def train_grpo(
                     metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
                     meter.add("policy", fm.logprobs(b, train=True, dedupe=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
-                if cfg.self_verify and cfg.verify_sft_coef > 0:
+                if cfg.self_verify and check is not None:
                     logp, _ = completion_logprobs(net, check, dedupe=True)
                     cmask = check.completion_mask.float()
                     nll = -(logp * cmask).sum() / check_tokens  # L_check = -log p(program's check)
@@ -316,9 +334,11 @@ def train_grpo(
         })
         if cfg.reward == "self_verdict":  # reward hacking of its own verifier shows as this rising, accuracy not
             metrics["train/verdict_rate"] = float((rewards > 0.5).float().mean())
-        if cfg.self_verify:
+        if cfg.self_verify and cfg.verify_coef > 0:
             metrics["train/verify_reward_mean"] = float(v_rewards.mean())
             metrics["train/verify_zero_std_frac"] = float((v_rewards.view(-1, G).std(dim=1) == 0).float().mean())
+        if cfg.self_verify:
+            metrics["train/verify_checked"] = float(len(judge))  # answers the check was trained on this step
         if on_eval is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             metrics.update(on_eval(step_offset + step + 1))
         metrics.update(meter.metrics())

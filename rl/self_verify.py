@@ -23,6 +23,17 @@ def verify_prompt(task: Task, problem: Problem, completion: str) -> str:
     return task.verify_prompt(problem, completion)
 
 
+def check_trace(task: Task, problem: Problem, completion: str) -> str:
+    """The program's check written before the verdict: the task's worked check, or nothing (`task.check =
+    "verdict"`: the verdict alone)."""
+    return "" if task.params.check == "verdict" else task.check_trace(problem, completion)
+
+
+def check_target(task: Task, problem: Problem, completion: str, truth: bool) -> str:
+    """What the model is taught to write when checking `completion`: the program's check, then the verdict word."""
+    return f"{check_trace(task, problem, completion)} {YES if truth else NO}"
+
+
 def parse_verdict(text: str) -> bool | None:
     """True for yes, False for no (the last word, trailing punctuation and markup ignored), None when malformed."""
     words = text.split()
@@ -59,6 +70,15 @@ def corrupt(text: str, rng: random.Random) -> str:
     return "".join(chars)
 
 
+def balanced_own(correct: list[bool], rng: random.Random) -> list[int]:
+    """Indices of the model's own answers to check, classes balanced: all of the rarer class (right or wrong by the
+    program verifier) and as many of the other, drawn at random; in their original order."""
+    right = [i for i, ok in enumerate(correct) if ok]
+    wrong = [i for i, ok in enumerate(correct) if not ok]
+    k = min(len(right), len(wrong))
+    return sorted(rng.sample(right, k) + rng.sample(wrong, k))
+
+
 def sft_examples(
     task: Task, problems: list[Problem], rng: random.Random, verify_fraction: float, correct_share: float = 0.5
 ) -> list[tuple[str, str]]:
@@ -72,8 +92,7 @@ def sft_examples(
             out.append((p.prompt, p.solution))
             continue
         answer = p.solution if rng.random() < correct_share else corrupt(p.solution, rng)
-        verdict = YES if task.is_correct(p, answer) else NO
-        out.append((verify_prompt(task, p, answer), f"{task.check_trace(p, answer)} {verdict}"))
+        out.append((verify_prompt(task, p, answer), check_target(task, p, answer, task.is_correct(p, answer))))
     return out
 
 

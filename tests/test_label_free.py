@@ -3,33 +3,15 @@ answers are never read; the program verifier's accuracy is still logged beside t
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny import CoinKey
 
 from rlscale.rl.accounting import FlopModel, Meter
 from rlscale.rl.grpo import GRPOConfig, train_grpo
 from rlscale.rl.model import ModelConfig, load_model
 from rlscale.rl.tasks import ArithmeticParams, make_task
-
-
-class WrongKey:
-    """The arithmetic task graded against another answer key: each (problem, completion) is right or wrong at random
-    (seeded), as if the answer column held other values."""
-
-    def __init__(self, task):
-        self.task = task
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def is_correct(self, problem, completion) -> bool:
-        return random.Random(f"{problem.key}:{completion}").random() < 0.5
-
-    def reward(self, problem, completion) -> float:
-        return 1.0 if self.is_correct(problem, completion) else 0.0
 
 
 def _train(task, reward: str) -> tuple[torch.Tensor, list[dict]]:
@@ -51,13 +33,13 @@ def test_label_free_reward_never_reads_the_answers():
     does not: the key reaches its weights), while the logged accuracy follows the key it was given."""
     task = make_task(ArithmeticParams(digits=1))
     own, own_log = _train(task, "self_verdict")
-    other, other_log = _train(WrongKey(task), "self_verdict")
+    other, other_log = _train(CoinKey(task), "self_verdict")
     assert torch.equal(own, other)
     assert [m["train/reward_mean"] for m in own_log] == [m["train/reward_mean"] for m in other_log]
     assert all(0.0 <= m["train/verdict_rate"] <= 1.0 for m in own_log)
     assert [m["train/accuracy"] for m in own_log] != [m["train/accuracy"] for m in other_log]  # logged from the key
     control, _ = _train(task, "verifier")
-    control_other, _ = _train(WrongKey(task), "verifier")
+    control_other, _ = _train(CoinKey(task), "verifier")
     assert not torch.equal(control, control_other)  # the same test fails for a reward that reads the key
 
 

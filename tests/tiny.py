@@ -5,6 +5,7 @@ store under the test's temp dir. Tables the caller appends ([sweep], [grid.axes]
 from __future__ import annotations
 
 import importlib.util
+import random
 from pathlib import Path
 
 TINY = """
@@ -54,3 +55,20 @@ def fake_runs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class CoinKey:
+    """A task graded against another answer key: each (problem, completion) is right with odds `share`, by a seeded
+    coin, whatever the answer column holds (an untrained model's answers then fall in both classes)."""
+
+    def __init__(self, task, share: float = 0.5):
+        self.task, self.share = task, share
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def is_correct(self, problem, completion) -> bool:
+        return random.Random(f"{problem.key}:{completion}").random() < self.share
+
+    def reward(self, problem, completion) -> float:
+        return 1.0 if self.is_correct(problem, completion) else 0.0
