@@ -63,7 +63,7 @@ def seeds_parser(doc: str, config: str, out: str) -> argparse.ArgumentParser:
     """The options of a benchmark over seeds of one config (this one's and benchmarks/smollm2_verify.py's)."""
     ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--config", default=config)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--out", default=out)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--plot-only", action="store_true", help="Redraw the plot of --out without training.")

@@ -26,7 +26,8 @@ from rlscale.rl.pipeline import run_pipeline
 
 LABEL_FREE = ["grpo.reward=self_verdict", "grpo.self_verify=false", "grpo.verify_own=false", "grpo.verify_sft_coef=0"]
 SCORES = ("accuracy", "pass_at_4", "maj_at_4_accuracy", "best_of_4_accuracy", "weighted_vote_at_4_accuracy",
-          "verify_tpr", "verify_tnr", "verify_balanced_accuracy", "verify_ece", "sample_accuracy")
+          "verify_tpr", "verify_tnr", "verify_balanced_accuracy", "verify_ece", "verify_auc",
+          "sample_accuracy")
 
 
 class VerifyCurve(Curve):
@@ -83,11 +84,16 @@ def run(cfg, **kw) -> tuple[dict, VerifyCurve, float]:
 def main() -> None:
     ap = seeds_parser(__doc__, "experiments/smollm2_verify.toml", "benchmarks/results/smollm2_verify.json")
     ap.add_argument("--modes", nargs="+", default=["labelled", "label_free"], choices=["labelled", "label_free"])
+    ap.add_argument("--merge", type=Path, help="Seeds already measured (a result JSON or its .partial.json), kept; "
+                    "--seeds lists only the seeds to run now (none: just summarise).")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return
     seeds = []
+    if args.merge:
+        done = json.loads(args.merge.read_text())
+        seeds = done["seeds"] if isinstance(done, dict) else done
     for seed in args.seeds:
         root = f"outputs/bench-smollm2-verify-{seed}"
         cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"output_dir={root}/sft-run"])
@@ -121,7 +127,8 @@ def main() -> None:
     if "labelled" in args.modes:
         lab, mm = [s["runs"]["labelled"] for s in seeds], mean["labelled"]
         targets = {
-            "verify_balanced_accuracy_at_least_70_every_seed": all(r["verify_balanced_accuracy"] >= 0.70 for r in lab),
+            "verify_balanced_accuracy_at_least_70_every_seed": all(  # both classes present, so it is not one recall
+                "verify_tpr" in r and "verify_tnr" in r and r["verify_balanced_accuracy"] >= 0.70 for r in lab),
             "best_of_4_at_least_greedy_plus_3_on_the_mean": mm["best_of_4_accuracy"] >= mm["accuracy"] + 0.03,
             "best_of_4_at_least_majority_vote_on_the_mean": mm["best_of_4_accuracy"] >= mm["maj_at_4_accuracy"],
             "rl_gain_at_least_5_points_every_seed": all(r["rl_gain_points"] >= 5 for r in lab),
@@ -131,7 +138,7 @@ def main() -> None:
         "benchmark": "smollm2_verify", "config": args.config, "overrides": args.overrides,
         "label_free_overrides": LABEL_FREE, "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-        "seeds": seeds, "mean": mean, "targets_met": targets,
+        "seeds": sorted(seeds, key=lambda s: s["seed"]), "mean": mean, "targets_met": targets,
     }
     print(json.dumps({"mean": mean, "targets_met": targets}, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from math import comb
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import rankdata
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlscale.rl.accounting import Meter
@@ -37,7 +38,8 @@ def verifier_scores(pred: list[bool], truth: list[bool], p_yes: list[float], bin
     """A verifier's TPR (says yes to a correct answer) and TNR (says no to a wrong one), each only when that class is
     present, raw and balanced accuracy (mean of the recalls of the classes present), and the expected calibration
     error of P(yes): the sample-weighted mean |mean P(yes) - share correct| over `bins` equal-width bins of P(yes)
-    (Guo et al. 2017)."""
+    (Guo et al. 2017), and, when both classes are present, the AUC of P(yes): the odds that a correct answer scores
+    above a wrong one, ties half (Mann-Whitney; how well P(yes) ranks answers, whatever the threshold)."""
     pos = [i for i, t in enumerate(truth) if t]
     neg = [i for i, t in enumerate(truth) if not t]
     recalls = {}
@@ -49,7 +51,11 @@ def verifier_scores(pred: list[bool], truth: list[bool], p_yes: list[float], bin
     for i, p in enumerate(p_yes):
         bucket.setdefault(min(int(p * bins), bins - 1), []).append(i)
     ece = sum(abs(sum(p_yes[i] for i in idx) - sum(truth[i] for i in idx)) for idx in bucket.values()) / len(truth)
-    return recalls | {
+    auc = {}
+    if pos and neg:  # Mann-Whitney U from the ranks of P(yes), ties at their mean rank
+        ranks = rankdata(p_yes)
+        auc["verify_auc"] = float(sum(ranks[i] for i in pos) - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    return recalls | auc | {
         "verify_accuracy": sum(p == t for p, t in zip(pred, truth)) / len(truth),
         "verify_balanced_accuracy": sum(recalls.values()) / len(recalls),
         "verify_ece": ece,

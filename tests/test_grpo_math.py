@@ -132,10 +132,17 @@ def test_verifier_scores_on_a_known_confusion_matrix():
     assert s["verify_accuracy"] == pytest.approx(0.6) and s["verify_balanced_accuracy"] == pytest.approx(0.75)
     # bins: [0.9]x4 all correct: |3.6 - 4|; [0.3]x4 all correct: |1.2 - 4|; 0.05 and 0.25 wrong: |0.05|, |0.25|
     assert s["verify_ece"] == pytest.approx((0.4 + 2.8 + 0.05 + 0.25) / 10)
+    # AUC: of the 8 x 2 (correct, wrong) pairs, the 4 at 0.9 beat both wrong ones, the 4 at 0.3 beat 0.05 and 0.25
+    assert s["verify_auc"] == pytest.approx(16 / 16)
+    flipped = verifier_scores(pred, truth, [0.9] * 4 + [0.1] * 4 + [0.05, 0.25])  # 0.1 beats 0.05, loses to 0.25
+    assert flipped["verify_auc"] == pytest.approx((8 + 4) / 16)
+    tied = verifier_scores(pred, truth, [0.5] * 10)
+    assert tied["verify_auc"] == pytest.approx(0.5) and tied["verify_balanced_accuracy"] == pytest.approx(0.75)
     never = verifier_scores([False] * 10, truth, [0.0] * 10)
     assert never["verify_balanced_accuracy"] == 0.5 and never["verify_tpr"] == 0.0
     assert verifier_scores([True, True], [True, True], [1.0, 1.0])["verify_balanced_accuracy"] == 1.0  # one class
     assert "verify_tnr" not in verifier_scores([True, True], [True, True], [1.0, 1.0])  # no wrong answers: undefined
+    assert "verify_auc" not in verifier_scores([True, True], [True, True], [1.0, 1.0])
 
 
 def test_selection_rules_vote_weighted_vote_and_best():
