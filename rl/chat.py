@@ -6,7 +6,8 @@ task's own verifier. Cold-start SFT targets are a short explanation and `The ans
 Self-verification in words: the model is shown the problem and an answer, redoes the problem, compares, and ends
 with `Verdict: yes` or `Verdict: no` (the verdict word is what `rl.self_verify` parses and scores). With
 `task.check = "verdict"` the model's own reply stays in the conversation and a second user turn asks whether it is
-right: the answer is one word, yes or no.
+right: the answer is one word, yes or no. With `task.check = "columns"` the written check does each sum and
+difference of the worked solution digit by digit (`column_working`), so a check is a chain of one-digit steps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ VERDICT_RULE = "Check your work. Is the final answer correct? Reply yes or no."
 MAX_REPLY_CHARS = 4000  # longer replies are cut before parsing (the verifier's input stays bounded)
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.{1,200}?)\s*$")
+_EQUATION = re.compile(r"\b(\d{1,12}) ?([+-]) ?(\d{1,12}) ?= ?-?\d+")
 
 
 def final_answer(reply: str) -> str | None:
@@ -38,6 +40,38 @@ def final_answer(reply: str) -> str | None:
                 return reply[start:i].strip()
     lines = _ANSWER_LINE.findall(reply)
     return lines[-1].strip().rstrip(".") if lines else None
+
+
+def columns(a: int, op: str, b: int) -> str:
+    """`a + b` or `a - b` (a >= b >= 0) worked from the units up, one column at a time, each step one-digit
+    arithmetic: `86 + 75` -> `6 + 5 = 11 (carry 1); 8 + 7 + 1 = 16; so 86 + 75 = 161`, `43 - 15` -> `13 - 5 = 8
+    (borrow 1); 4 - 1 - 1 = 2; so 43 - 15 = 28`."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry, width = [], 0, max(len(da), len(db))
+    for i in range(width):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else None
+        terms = [str(x)] + ([f"{op} {y}"] if y is not None else [])
+        if op == "+":
+            terms += ["+ 1"] if carry else []
+            total = x + (y or 0) + carry
+            carry = total // 10
+            steps.append(f"{' '.join(terms)} = {total}" + (" (carry 1)" if carry and i < width - 1 else ""))
+        else:
+            terms = [str(x)] + (["- 1"] if carry else []) + terms[1:]
+            value = x - carry - (y or 0)
+            carry = int(value < 0)
+            steps.append(f"{'1' if carry else ''}{' '.join(terms)} = {value + 10 * carry}"
+                         + (" (borrow 1)" if carry else ""))
+    return f"{'; '.join(steps)}; so {a} {op} {b} = {a + b if op == '+' else a - b}"
+
+
+def column_working(text: str) -> str:
+    """`text` with each `a + b = c` and `a - b = c` (a >= b) replaced by its working in columns (`columns`), the
+    result computed, not copied; anything else unchanged."""
+    def redo(m: re.Match) -> str:
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return columns(a, op, b) if op == "+" or a >= b else m[0]
+    return _EQUATION.sub(redo, text)
 
 
 class ChatTask(Task):
@@ -96,8 +130,10 @@ class ChatTask(Task):
                            f"{self.answer_text(completion)}\n{VERIFY_RULE}")
 
     def check_trace(self, problem: Problem, completion: str) -> str:
-        """The problem redone in words and compared with the shown answer, up to the verdict word."""
+        """The problem redone in words (its sums in columns with `check = "columns"`) and compared with the shown
+        answer, up to the verdict word."""
         explanation = self.base.explanation(problem)
+        explanation = column_working(explanation) if self.params.check == "columns" else explanation
         redo = f"{explanation} " if explanation else ""
         shown = self.answer_text(completion)
         same = "matches" if self.is_correct(problem, completion) else "does not match"

@@ -134,7 +134,7 @@ def evaluate(
     # verdict (both deterministic, so an answer given twice to the same problem is checked once)
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
     distinct = list(dict.fromkeys(vprompts))
-    checked, trusted = _check(model, tokenizer, distinct, cfg, meter, task.params.check == "written")
+    checked, trusted = _check(model, tokenizer, distinct, cfg, meter, task.params.check != "verdict")
     check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
     checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]

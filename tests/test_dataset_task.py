@@ -382,3 +382,18 @@ def test_max_file_mb_is_validated(tmp_path):
         with pytest.raises(ValidationError, match=rf"max_file_mb\n  Input should be (a )?{message}"):
             DatasetParams(max_file_mb=value)
     assert DatasetParams().max_file_mb == 1000 and DatasetParams(max_file_mb=0.5).max_file_mb == 0.5
+
+
+@pytest.mark.parametrize("verifier", ["exact", "math", "numeric"])
+def test_chat_form_checks_against_the_answer_not_the_reference_reply(tmp_path, smollm2_dir, verifier):
+    """In chat form a problem's `solution` is the whole reference reply; the verifier and the reference answer must
+    still be the answer column (an exact verifier once compared answers with the reply and marked every one wrong)."""
+    from rlscale.rl.chat import for_model
+    from rlscale.rl.model import ModelConfig, load_model
+
+    tok = load_model(ModelConfig(path=str(smollm2_dir)))[1]
+    t = for_model(task(write(tmp_path / "d.jsonl", ROWS), verifier=verifier, prompt_format="chat"), tok)
+    for p in map(t.chat, every(t.base)):
+        right, wrong = p.data["answer"], p.data["answer"] + "1"
+        assert "\\boxed" in p.solution and t.base.answer(p) == right
+        assert t.is_correct(p, f"So \\boxed{{{right}}}.") and not t.is_correct(p, f"So \\boxed{{{wrong}}}.")

@@ -1,9 +1,11 @@
-"""The check trained on the model's own answers (grpo.verify_own, GenRM-style) and the verdict-only check
-(task.check = "verdict"): balanced own answers, the conversation shown, P(yes) in one pass at eval."""
+"""The check trained on the model's own answers (grpo.verify_own, GenRM-style), the verdict-only check
+(task.check = "verdict"): balanced own answers, the conversation shown, P(yes) in one pass at eval; and the check
+in columns (task.check = "columns"): every sum worked one digit at a time."""
 
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -12,12 +14,12 @@ from tiny import CoinKey
 
 import rlscale.rl.grpo as grpo
 from rlscale.rl.accounting import FlopModel, Meter
-from rlscale.rl.chat import VERDICT_RULE, for_model
+from rlscale.rl.chat import VERDICT_RULE, column_working, columns, for_model
 from rlscale.rl.evaluate import EvalConfig, evaluate
 from rlscale.rl.grpo import GRPOConfig, train_grpo
 from rlscale.rl.model import ModelConfig, load_model
 from rlscale.rl.self_verify import balanced_own, check_target, p_yes, sft_examples, verify_prompt
-from rlscale.rl.tasks import ArithmeticParams, make_task
+from rlscale.rl.tasks import ArithmeticParams, DatasetParams, make_task
 
 
 def test_balanced_own_keeps_every_rarer_answer_and_as_many_of_the_other():
@@ -113,3 +115,47 @@ def test_chat_verdict_check_shows_the_models_own_reply_and_asks(smollm2_dir):
     assert prompt.startswith(p.prompt + reply) and prompt.count(VERDICT_RULE) == 1
     assert prompt.endswith(task.render("x")[-len("<|im_start|>assistant\n"):])  # ready for the second reply
     assert check_target(task, p, reply, False) == " no"
+
+
+def test_columns_known_cases():
+    assert columns(86, "+", 75) == "6 + 5 = 11 (carry 1); 8 + 7 + 1 = 16; so 86 + 75 = 161"
+    assert columns(43, "-", 15) == "13 - 5 = 8 (borrow 1); 4 - 1 - 1 = 2; so 43 - 15 = 28"
+    assert columns(105, "-", 97) == "15 - 7 = 8 (borrow 1); 10 - 1 - 9 = 0 (borrow 1); 1 - 1 = 0; so 105 - 97 = 8"
+    assert columns(7, "+", 15) == "7 + 5 = 12 (carry 1); 0 + 1 + 1 = 2; so 7 + 15 = 22"
+    assert column_working("43 - 15 = 28. Then 3 - 9 = -6.") == f"{columns(43, '-', 15)}. Then 3 - 9 = -6."
+
+
+def test_columns_every_step_is_one_digit_arithmetic_and_right():
+    """Each step is `x [op y] [op 1] = v` with one-digit operands (a borrowed column shows 1x), its value right, the
+    carry or borrow noted when the next column takes it, and the result that of the whole sum."""
+    rng = random.Random(0)
+    step = re.compile(r"^(1?\d)( [+-] \d)?( [+-] 1)?( [+-] \d)? = (\d+)( \((carry|borrow) 1\))?$")
+    for _ in range(2000):
+        a, b, op = rng.randrange(10_000), rng.randrange(10_000), rng.choice("+-")
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        work, result = columns(a, op, b).split("; so ")
+        assert result == f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+        carry, digits = 0, []
+        for s in work.split("; "):
+            m = step.match(s)
+            assert m, s
+            terms = s.split(" = ")[0].replace("- ", "-").replace("+ ", "").split()
+            assert int(m[5]) == sum(map(int, terms)), s
+            if carry:  # the previous column's carry is added last, its borrow taken first
+                assert terms[-1] == "1" if op == "+" else terms[1] == "-1", s
+            carry = 1 if m[6] else 0
+            digits.append(int(m[5]) % 10)
+        assert int("".join(map(str, reversed(digits)))) == (a + b if op == "+" else a - b) % 10 ** len(digits)
+
+
+def test_chat_check_in_columns_works_the_sum_and_compares(smollm2_dir):
+    tok = load_model(ModelConfig(path=str(smollm2_dir)))[1]
+    params = DatasetParams(path="experiments/data/word_problems.jsonl", explanation_column="explanation",
+                           verifier="numeric", prompt_format="chat", check="columns")
+    task = for_model(make_task(params), tok)
+    p = task.problems(1, "eval", seed=0)[0]
+    a, op, b = re.match(r"(\d+) ([+-]) (\d+)", p.data["explanation"]).groups()
+    right, wrong = p.data["answer"], str(int(p.data["answer"]) + 10)
+    assert check_target(task, p, f"\\boxed{{{right}}}", True).startswith(columns(int(a), op, int(b)))
+    assert check_target(task, p, f"\\boxed{{{wrong}}}", False).endswith(
+        f"the proposed answer {wrong} does not match. Verdict: no")

@@ -36,10 +36,10 @@ class TaskParams(BaseModel):
         "'compact': `07+45=` for character models; 'auto': chat when the tokenizer has a template."
     )
     system_prompt: str | None = Field(None, description="System message of chat prompts (None: the template's own).")
-    check: Literal["written", "verdict"] = Field(
+    check: Literal["written", "columns", "verdict"] = Field(
         "written", description="How the model checks an answer: 'written': it redoes the problem, then gives its "
-        "verdict; 'verdict': it reads the whole reply (its work included) and answers only yes or no, read as P(yes) "
-        "in one forward pass."
+        "verdict; 'columns': the same with each sum and difference worked digit by digit (chat prompts); 'verdict': "
+        "it reads the whole reply (its work included) and answers only yes or no, read as P(yes) in one forward pass."
     )
 
 

@@ -315,7 +315,7 @@ class DatasetTask(Task):
         return problem.data["question"]
 
     def answer(self, problem: Problem) -> str:
-        return problem.solution
+        return problem.data["answer"]  # not `solution`: in chat form that is the whole reference reply
 
     def explanation(self, problem: Problem) -> str:
         return problem.data["explanation"]
@@ -335,5 +335,5 @@ class DatasetTask(Task):
             return value is not None and abs(value - ref) <= max(p.tolerance * abs(ref), 1e-9)
         candidate = str(answer)[:MAX_ANSWER_CHARS]
         if p.verifier == "exact":
-            return _words(candidate, p.case_sensitive) == _words(problem.solution, p.case_sensitive)
-        return math_equal(problem.solution, candidate)
+            return _words(candidate, p.case_sensitive) == _words(problem.data["answer"], p.case_sensitive)
+        return math_equal(problem.data["answer"], candidate)
