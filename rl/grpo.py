@@ -186,7 +186,8 @@ def train_grpo(
     fm = meter.fm
     device = next(model.parameters()).device
     trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
-    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step instead of a loop of small ops per tensor (a tiny model's step: -2%, near noise)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator(device=device).manual_seed(seed + 7919 * distributed.rank())
     start = 0
