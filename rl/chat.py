@@ -50,14 +50,14 @@ def columns(a: int, op: str, b: int) -> str:
     steps, carry, width = [], 0, max(len(da), len(db))
     for i in range(width):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else None
-        terms = [str(x)] + ([f"{op} {y}"] if y is not None else [])
-        if op == "+":
-            terms += ["+ 1"] if carry else []
+        ys = [f"{op} {y}"] if y is not None else []
+        if op == "+":  # the carry is added last, a borrow taken first
+            terms = [str(x), *ys, *(["+ 1"] if carry else [])]
             total = x + (y or 0) + carry
             carry = total // 10
             steps.append(f"{' '.join(terms)} = {total}" + (" (carry 1)" if carry and i < width - 1 else ""))
         else:
-            terms = [str(x)] + (["- 1"] if carry else []) + terms[1:]
+            terms = [str(x), *(["- 1"] if carry else []), *ys]
             value = x - carry - (y or 0)
             carry = int(value < 0)
             steps.append(f"{'1' if carry else ''}{' '.join(terms)} = {value + 10 * carry}"
