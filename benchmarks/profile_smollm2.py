@@ -106,8 +106,8 @@ def profile_eval(model, tok, task, fm: FlopModel, n: int) -> dict:
         c, t = timed(lambda: sample(model, tok, distinct, cfg.verify_max_new_tokens, greedy=True))
         out["checks"] = {"seconds": round(t, 3), "flops": fm.generation(c),
                          "mean_check_tokens": round(float(c.completion_mask.sum(-1).float().mean()), 1)}
-        (_, b), t = timed(lambda: p_yes(model, tok, distinct, [split_trace(x) for x in c.texts]))
-        out["p_yes"] = {"seconds": round(t, 3), "flops": fm.logprobs(b, dedupe=True)}
+        (_, passes), t = timed(lambda: p_yes(model, tok, distinct, [split_trace(x) for x in c.texts]))
+        out["p_yes"] = {"seconds": round(t, 3), "flops": sum(fm.forward(*x) for x in passes)}
     meter = Meter(fm)
     (metrics, _), t = timed(lambda: evaluate(model, tok, task, problems, cfg, meter, gen))
     out["evaluate"] = {"seconds": round(t, 3), "flops": meter.flops["eval"],

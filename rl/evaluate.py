@@ -86,18 +86,19 @@ def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: 
     return texts
 
 
-def _check(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, written: bool) -> tuple[list[str], list[float]]:
+def _check(model, tokenizer, prompts, heads, cfg: EvalConfig, meter: Meter, written: bool) -> tuple[list, list]:
     """Each answer checked by the model: a greedy written check, then its verdict's P(yes) read by continuing the
     check's KV cache (`p_yes_after_check`: the values of `p_yes` without running prompt and check again); without
-    a written check (`task.check = "verdict"`), P(yes) read in one pass."""
+    a written check (`task.check = "verdict"`), P(yes) read in one pass, each problem's prompt (`heads`) run once for
+    all its answers."""
     texts: list[str] = []
     probs: list[float] = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i : i + cfg.batch_size]
         if not written:
             with meter.phase("eval"):
-                p, judged = p_yes(model, tokenizer, chunk, [""] * len(chunk))
-            meter.add("eval", meter.fm.logprobs(judged, dedupe=True))
+                p, passes = p_yes(model, tokenizer, chunk, [""] * len(chunk), heads[i : i + cfg.batch_size])
+            meter.add("eval", sum(meter.fm.forward(*x) for x in passes))
             texts += [""] * len(p)
             probs += p.tolist()
             continue
@@ -134,7 +135,9 @@ def evaluate(
     # verdict (both deterministic, so an answer given twice to the same problem is checked once)
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
     distinct = list(dict.fromkeys(vprompts))
-    checked, trusted = _check(model, tokenizer, distinct, cfg, meter, task.params.check != "verdict")
+    head_of = {v: p.prompt for v, p in zip(vprompts, rows)}
+    checked, trusted = _check(model, tokenizer, distinct, [head_of[v] for v in distinct], cfg, meter,
+                              task.params.check != "verdict")
     check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
     checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]

@@ -96,17 +96,29 @@ def sft_examples(
     return out
 
 
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+    return ids, mask
+
+
 @torch.no_grad()
 def p_yes(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str]
-) -> tuple[torch.Tensor, Batch]:
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str],
+    heads: list[str] | None = None,
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """P(yes) / (P(yes) + P(no)) after each prompt and its check: log pi("{trace} yes" + eos) - log pi("{trace} no"
     + eos), teacher-forced, through a sigmoid.
 
     The tokens the two verdicts share (the prompt, the check) run once with logits at their last position only, and
     the two verdicts continue from that KV cache; the shared tokens cancel in the difference, so only the tokens
-    where the two differ are scored. Also returns the batch it ran, prefix as prompt and verdict tails as
-    completions, two rows per prompt (`FlopModel.logprobs(batch, dedupe=True)` counts exactly that work)."""
+    where the two differ are scored. With `heads` (each prompt's start, e.g. the problem's own prompt before the
+    model's reply), prompts with the same head run it once and continue its KV cache, so judging N answers to one
+    problem reads the problem once; a head that does not tokenise as the start of its prompt turns this off. Returns
+    P(yes) and the passes run, (tokens, keys attended, logits) each, for `FlopModel.forward`."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -120,19 +132,38 @@ def p_yes(
         k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
         prefixes.append(bos + p + y[:k])
         tails.append((y[k:], n[k:]))
-    B = len(prefixes)
-    L, T = max(map(len, prefixes)), max(len(t) for pair in tails for t in pair)
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
+    B, T = len(prefixes), max(len(t) for pair in tails for t in pair)
+    head_rows = [bos + h for h in tokenizer(heads, add_special_tokens=False)["input_ids"]] if heads else []
+    if not all(0 < len(h) < len(row) and row[: len(h)] == h for h, row in zip(head_rows, prefixes)):
+        head_rows = []  # nothing shared: a head tokenised apart from its prompt's start
+    passes = []
+    if head_rows:  # each distinct head once, its KV cache fanned out to its rows, then each row's rest
+        distinct = {tuple(h): i for i, h in enumerate(dict.fromkeys(map(tuple, head_rows)))}
+        h_ids, h_mask = _left_pad([list(h) for h in distinct], pad)
+        row_of = torch.tensor([distinct[tuple(h)] for h in head_rows], device=device)
+        out = model(input_ids=h_ids.to(device), attention_mask=h_mask.to(device),
+                    position_ids=(h_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.reorder_cache(row_of)
+        ids, body_mask = _left_pad([row[len(h) :] for h, row in zip(head_rows, prefixes)], pad)
+        H, Lh, Lb = len(distinct), h_ids.shape[1], ids.shape[1]
+        mask = torch.cat([h_mask.to(device).index_select(0, row_of), body_mask.to(device)], dim=1)
+        out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, Lh:],
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        passes += [(H * Lh, H * Lh * Lh, H), (B * Lb, B * (Lb * Lh + Lb * (Lb + 1) // 2), B)]
+    else:
+        ids, mask = _left_pad(prefixes, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        passes.append((B * ids.shape[1], B * ids.shape[1] ** 2, B))
+    L = mask.shape[1]
     tail_ids = torch.full((2 * B, T), pad, dtype=torch.long)
     tail_mask = torch.zeros((2 * B, T), dtype=torch.long)
-    for i, (row, (y, n)) in enumerate(zip(prefixes, tails)):
-        ids[i, L - len(row) :], mask[i, L - len(row) :] = torch.tensor(row), 1
+    for i, (y, n) in enumerate(tails):
         for j, t in ((i, y), (B + i, n)):  # yes rows first, then no rows
             tail_ids[j, : len(t)], tail_mask[j, : len(t)] = torch.tensor(t), 1
-    ids, mask, tail_ids, tail_mask = ids.to(device), mask.to(device), tail_ids.to(device), tail_mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    tail_ids, tail_mask = tail_ids.to(device), tail_mask.to(device)
     both = torch.arange(2 * B, device=device) % B
     cache, logits = out.cache, out.logits[:, -1:, :].index_select(0, both)
     if T > 1:  # the verdict tails, both from the one cached prefix
@@ -141,10 +172,10 @@ def p_yes(
         rest = model(input_ids=tail_ids[:, :-1], attention_mask=full, position_ids=((full.cumsum(-1) - 1)[:, L:]),
                      cache=cache, use_cache=True)
         logits = torch.cat([logits, rest.logits], dim=1)
+        passes.append((2 * B * (T - 1), 2 * B * ((T - 1) * L + (T - 1) * T // 2), 2 * B * (T - 1)))
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail_ids[..., None]).squeeze(-1)
     seq = (logp * tail_mask).sum(-1)
-    batch = Batch(ids.index_select(0, both), mask.index_select(0, both), tail_ids, tail_mask, [])
-    return torch.sigmoid(seq[:B] - seq[B:]), batch
+    return torch.sigmoid(seq[:B] - seq[B:]), passes
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def train_sft(
     is marked finished: a resume from it trains no further step. Returns the number of steps run."""
     device = next(model.parameters()).device
     trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
-    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator().manual_seed(seed)
     state = load_checkpoint(ckpt_dir, "sft", model, optimizer, scheduler, generator, meter) if ckpt_dir else None

@@ -49,13 +49,18 @@ def test_deduplicated_logprobs_flops_match_flop_counter(train):
     assert fm.logprobs(batch, train=train, dedupe=True) < 0.6 * fm.logprobs(batch, train=train)
 
 
-def test_p_yes_flops_match_flop_counter():
-    """The verdict read from the shared prefix: counted as computed (prefix once with one logit, the two tails)."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_p_yes_flops_match_flop_counter(shared):
+    """The verdict read from the shared prefix: counted as computed (prefix once with one logit, the two tails); with
+    heads, each distinct head once, then each row's rest with one logit."""
     from rlscale.rl.self_verify import p_yes
 
     model, tok = load_model(ModelConfig(size="micro"), seed=0)
     model.config._attn_implementation = "eager"
-    prompts, traces = ["12+34=46 ok?", "7*8=54 ok?", "5+5=10 ok?"], ["12+34=46", "", "5+5=10 10=10"]
+    prompts = ["12+34=46 ok?", "7*8=54 ok?", "5+5=10 ok?", "12+34=47 ok?", "12+34=146 ok?"]
+    traces = ["12+34=46", "", "5+5=10 10=10", "", "x"]
+    heads = ["12+34=", "7*8=", "5+5=", "12+34=", "12+34="] if shared else None
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        _, batch = p_yes(model, tok, prompts, traces)
-    assert fc.get_total_flops() == pytest.approx(FlopModel.of(model).logprobs(batch, dedupe=True), rel=0.05)
+        _, passes = p_yes(model, tok, prompts, traces, heads)
+    assert len(passes) == (3 if shared else 2)
+    assert fc.get_total_flops() == pytest.approx(sum(FlopModel.of(model).forward(*x) for x in passes), rel=0.05)

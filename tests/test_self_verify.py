@@ -81,8 +81,8 @@ def test_p_yes_and_evaluate_on_a_tiny_model(nano):
     task = make_task(ArithmeticParams(digits=2))
     problems = task.problems(6, "eval", seed=0)
     prompts = [verify_prompt(task, p, p.solution) for p in problems]
-    probs, batch = p_yes(model, tok, prompts, [task.check_trace(p, p.solution) for p in problems])
-    assert probs.shape == (6,) and torch.all((probs > 0) & (probs < 1)) and batch.input_ids.shape[1] > len(prompts[0])
+    probs, passes = p_yes(model, tok, prompts, [task.check_trace(p, p.solution) for p in problems])
+    assert probs.shape == (6,) and torch.all((probs > 0) & (probs < 1)) and passes[0][0] > 6 * len(prompts[0])
     meter = Meter(FlopModel.of(model))
     cfg = EvalConfig(problems=6, samples=4, max_new_tokens=4, verify_max_new_tokens=8)
     metrics, table = evaluate(model, tok, task, problems, cfg, meter, torch.Generator().manual_seed(0))
@@ -126,11 +126,22 @@ def test_p_yes_from_the_shared_prefix_equals_teacher_forcing_both_verdicts(which
         traces = ["", "I redo it: 12 + 30 = 42.\n", "Check:", "x", "Yes or no? The verdict:", "42 = 42,"]
     prompts = [verify_prompt(task, p, a) for p, a in zip(problems, answers)]
     model.eval()
-    fast, batch = p_yes(model, tok, prompts, traces)
+    fast, _ = p_yes(model, tok, prompts, traces)
     with torch.no_grad():
         slow = _p_yes_teacher_forced(model, tok, prompts, traces)
     assert fast.shape == (len(prompts),) and torch.allclose(fast, slow, atol=1e-4), (fast, slow)
-    assert batch.prompt_ids.shape[0] == 2 * len(prompts) and float(slow.std()) > 0  # not a constant
+    assert float(slow.std()) > 0  # not a constant
+    # each problem's prompt as the head: rows of one problem read it once, the same values, fewer tokens run (a chat
+    # verdict check keeps the reply in the conversation, so its prompt starts with the problem's)
+    if which == "smollm2":
+        task = for_model(make_task(params.model_copy(update={"check": "verdict"})), tok)
+    twice = [verify_prompt(task, p, a + d) for d in ("", "0") for p, a in zip(problems, answers)]
+    heads = [p.prompt for p in problems] * 2
+    plain, passes = p_yes(model, tok, twice, traces * 2)
+    shared, passes_shared = p_yes(model, tok, twice, traces * 2, heads)
+    assert len(passes_shared) == len(passes) + 1  # the heads ran apart: the template kept the prompt as its start
+    assert torch.allclose(shared, plain, atol=1e-4), (shared, plain)
+    assert sum(t for t, _, _ in passes_shared) < sum(t for t, _, _ in passes)
 
 
 @pytest.mark.parametrize("which", ["nano", "smollm2"])
