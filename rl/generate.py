@@ -30,6 +30,16 @@ class Batch:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest: ids and the mask of real tokens."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+    return ids, mask
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,13 +48,7 @@ def encode_prompts(
     which = [index.setdefault(p, len(index)) for p in prompts]  # row -> its distinct prompt
     encoded = tokenizer(list(index), add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    rows = [bos + ids for ids in encoded]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask = left_pad([bos + e for e in encoded], tokenizer.pad_token_id)
     rows_of = torch.tensor(which)  # one padded copy per distinct prompt, gathered to the rows in one go
     return ids[rows_of].to(device), mask[rows_of].to(device)
 

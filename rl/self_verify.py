@@ -12,7 +12,7 @@ import random
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlscale.rl.generate import Batch
+from rlscale.rl.generate import Batch, left_pad
 from rlscale.rl.tasks import Problem, Task
 
 YES, NO = "yes", "no"
@@ -96,15 +96,6 @@ def sft_examples(
     return out
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
-    return ids, mask
-
-
 @torch.no_grad()
 def p_yes(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str],
@@ -138,21 +129,21 @@ def p_yes(
         head_rows = []  # nothing shared: a head tokenised apart from its prompt's start
     passes = []
     if head_rows:  # each distinct head once, its KV cache fanned out to its rows, then each row's rest
-        distinct = {tuple(h): i for i, h in enumerate(dict.fromkeys(map(tuple, head_rows)))}
-        h_ids, h_mask = _left_pad([list(h) for h in distinct], pad)
+        distinct = {h: i for i, h in enumerate(dict.fromkeys(map(tuple, head_rows)))}  # head -> its index
+        h_ids, h_mask = left_pad([list(h) for h in distinct], pad)
         row_of = torch.tensor([distinct[tuple(h)] for h in head_rows], device=device)
         out = model(input_ids=h_ids.to(device), attention_mask=h_mask.to(device),
                     position_ids=(h_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
         cache = out.cache
         cache.reorder_cache(row_of)
-        ids, body_mask = _left_pad([row[len(h) :] for h, row in zip(head_rows, prefixes)], pad)
+        ids, body_mask = left_pad([row[len(h) :] for h, row in zip(head_rows, prefixes)], pad)
         H, Lh, Lb = len(distinct), h_ids.shape[1], ids.shape[1]
         mask = torch.cat([h_mask.to(device).index_select(0, row_of), body_mask.to(device)], dim=1)
         out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, Lh:],
                     cache=cache, use_cache=True, logits_to_keep=1)
         passes += [(H * Lh, H * Lh * Lh, H), (B * Lb, B * (Lb * Lh + Lb * (Lb + 1) // 2), B)]
     else:
-        ids, mask = _left_pad(prefixes, pad)
+        ids, mask = left_pad(prefixes, pad)
         ids, mask = ids.to(device), mask.to(device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
