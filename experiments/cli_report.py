@@ -67,6 +67,13 @@ def cost(
           + ("none tagged phase=final" if result["final_run_usd"] is None else f"${result['final_run_usd']:,.2f}")
           + ("" if ratio is None else f"; total / final = {ratio:.1f}x"))
     print("runs: " + ", ".join(f"{v} {k}" for k, v in result["runs"].items() if v))
+    line = result["final_lineage"]
+    if line:  # what the final model took: the runs it came from, each its own work
+        chain = " + ".join(f"{s['kind']} ${s['usd']:,.2f}" for s in line["steps"])
+        gone = f"; {len(line['missing'])} ancestor(s) not in the store, as recorded" if line["missing"] else ""
+        share = line["ratios"]["lineage_to_project"]["usd"]
+        print(f"final model's lineage: {chain} = ${line['lineage']['usd']:,.2f}{gone}"
+              + ("" if share is None else f" ({100 * share:.0f}% of the project)"))
 
 
 def prices(

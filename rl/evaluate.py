@@ -25,6 +25,9 @@ class EvalConfig(BaseModel):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the N answers.")
     max_new_tokens: int = Field(16, ge=1, description="Longest answer generated.")
     verify_max_new_tokens: int = Field(32, ge=1, description="Longest check-and-verdict generated.")
+    verify_samples: int = Field(1, ge=1, description="Written checks per answer: 1 = one greedy check; K > 1 = K "
+                                "checks sampled at `temperature`, P(yes) averaged over them (GenRM-CoT, arXiv "
+                                "2408.15240). No effect where the check is a verdict alone.")
     batch_size: int = Field(1024, ge=1, description="Rows generated at once.")
     seed: int = Field(12345, description="Seed of the held-out problem draw (the same set for every run).")
 
@@ -86,30 +89,34 @@ def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: 
     return texts
 
 
-def _check(model, tokenizer, prompts, heads, cfg: EvalConfig, meter: Meter, written: bool) -> tuple[list, list]:
-    """Each answer checked by the model: a greedy written check, then its verdict's P(yes) read by continuing the
-    check's KV cache (`p_yes_after_check`: the values of `p_yes` without running prompt and check again); without
-    a written check (`task.check = "verdict"`), P(yes) read in one pass, each problem's prompt (`heads`) run once for
-    all its answers."""
+def _check(model, tokenizer, prompts, heads, cfg: EvalConfig, meter: Meter, written: bool,
+           generator: torch.Generator | None) -> tuple[list, list]:
+    """Each answer checked by the model: a greedy written check (or `verify_samples` sampled ones), then its
+    verdict's P(yes) read by continuing the check's KV cache (`p_yes_after_check`: the values of `p_yes` without
+    running prompt and check again), averaged over the checks; without a written check (`task.check = "verdict"`),
+    P(yes) read in one pass, each problem's prompt (`heads`) run once for all its answers. Returns the first check
+    written for each answer and its P(yes)."""
     texts: list[str] = []
     probs: list[float] = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i : i + cfg.batch_size]
+    k = cfg.verify_samples if written else 1
+    rows = max(1, cfg.batch_size // k)  # answers per batch: k checks each
+    for i in range(0, len(prompts), rows):
+        chunk = prompts[i : i + rows]
         if not written:
             with meter.phase("eval"):
-                p, passes = p_yes(model, tokenizer, chunk, [""] * len(chunk), heads[i : i + cfg.batch_size])
+                p, passes = p_yes(model, tokenizer, chunk, [""] * len(chunk), heads[i : i + rows])
             meter.add("eval", sum(meter.fm.forward(*x) for x in passes))
             texts += [""] * len(p)
             probs += p.tolist()
             continue
         with meter.phase("eval"):
-            b = sample(model, tokenizer, chunk, cfg.verify_max_new_tokens, greedy=True,
-                       keep_cache=True)
-            p, (rows, fed, keys) = p_yes_after_check(model, tokenizer, b, [split_trace(t) for t in b.texts])
+            b = sample(model, tokenizer, [c for c in chunk for _ in range(k)], cfg.verify_max_new_tokens,
+                       cfg.temperature, greedy=k == 1, generator=generator, keep_cache=True)
+            p, (n, fed, keys) = p_yes_after_check(model, tokenizer, b, [split_trace(t) for t in b.texts])
         b.cache = None  # its memory back before the next chunk
-        meter.add("eval", meter.fm.generation(b) + meter.fm.forward(rows * fed, keys))
-        texts += b.texts
-        probs += p.tolist()
+        meter.add("eval", meter.fm.generation(b) + meter.fm.forward(n * fed, keys))
+        texts += b.texts[::k]
+        probs += p.view(-1, k).mean(1).tolist()  # P(yes) = mean over the k checks of P(yes | check)
     return texts, probs
 
 
@@ -131,13 +138,13 @@ def evaluate(
     rows = [p for p in problems for _ in range(n)]
     sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator, cfg.max_new_tokens)
     ok = [task.is_correct(p, c) for p, c in zip(rows, sampled)]
-    # the model checks each answer: a greedy check (unless it gives only a verdict), then P(yes) vs P(no) as its
-    # verdict (both deterministic, so an answer given twice to the same problem is checked once)
+    # the model checks each answer: a greedy check or k sampled ones (unless it gives only a verdict), then P(yes)
+    # vs P(no) as its verdict; an answer given twice to the same problem is checked once
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
     distinct = list(dict.fromkeys(vprompts))
     head_of = {v: p.prompt for v, p in zip(vprompts, rows)}
     checked, trusted = _check(model, tokenizer, distinct, [head_of[v] for v in distinct], cfg, meter,
-                              task.params.check != "verdict")
+                              task.params.check != "verdict", generator)
     check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
     checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]

@@ -422,3 +422,14 @@ def test_histories_are_read_in_bulk_and_match_per_run_reads(project, monkeypatch
     assert len(bulk) == 5 * 2 + 2 * 2 + 1 * 2  # rl-a: SFT point + 4 evals; old: 2 points; sft: 1
     monkeypatch.delattr(SqlAlchemyStore, "get_metric_history_bulk")
     pd.testing.assert_frame_equal(metric_histories(wanted, keys, store.uri, store.root), bulk)
+
+
+def test_cost_command_prints_the_final_models_lineage(project):
+    """`rlscale cost` (text) names the runs the final model came from and what they cost, beside the project total."""
+    store = project["store"]
+    runs = load_runs(store.uri, ["lineage"], root=store.root)
+    out = CliRunner().invoke(app, ["cost", "--uri", store.uri, "--experiment", "lineage"])
+    assert out.exit_code == 0, out.output
+    share = 100 * 1.0 / _own(runs, "cost/usd")
+    assert f"final model's lineage: shared SFT $0.50 + final run $0.50 = $1.00 ({share:.0f}% of the project)" \
+        in out.stdout

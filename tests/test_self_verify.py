@@ -9,7 +9,7 @@ import torch
 
 from rlscale.rl.accounting import FlopModel, Meter
 from rlscale.rl.chat import for_model
-from rlscale.rl.evaluate import EvalConfig, evaluate
+from rlscale.rl.evaluate import EvalConfig, _check, evaluate
 from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
 from rlscale.rl.model import ModelConfig, load_model
 from rlscale.rl.self_verify import (
@@ -105,6 +105,29 @@ def _p_yes_teacher_forced(model, tok, prompts, traces):
     logp, _ = completion_logprobs(model, Batch(ids, mask, cids, cmask, []))
     seq = (logp * cmask).sum(-1)
     return torch.sigmoid(seq[: len(prompts)] - seq[len(prompts) :])
+
+
+def test_sampled_checks_average_p_yes_over_the_k_checks(nano):
+    """eval.verify_samples = K: each answer's P(yes) is the mean over K checks sampled at the eval temperature of
+    P(yes | check) (GenRM-CoT); the table keeps the first check; K = 1 is the one greedy check."""
+    model, tok = nano
+    task = make_task(ArithmeticParams(digits=2))
+    problems = task.problems(5, "eval", seed=3)
+    prompts = [verify_prompt(task, p, p.solution if i % 2 else f"{int(p.solution) + 1:03d}")
+               for i, p in enumerate(problems)]
+    rows = [q for q in prompts for _ in range(4)]
+    meter = Meter(FlopModel.of(model))
+    cfg = EvalConfig(verify_samples=4, verify_max_new_tokens=12)
+    texts, probs = _check(model, tok, prompts, None, cfg, meter, True, torch.Generator().manual_seed(5))
+    drawn = sample(model, tok, rows, 12, 1.0, generator=torch.Generator().manual_seed(5))
+    assert len(set(drawn.texts)) > len(prompts)  # sampled checks, not one greedy check repeated
+    want = _p_yes_teacher_forced(model, tok, rows, [split_trace(t) for t in drawn.texts]).view(-1, 4).mean(1)
+    assert texts == drawn.texts[::4] and torch.allclose(torch.tensor(probs), want, atol=1e-4)
+    texts1, probs1 = _check(model, tok, prompts, None, EvalConfig(verify_max_new_tokens=12), meter, True, None)
+    greedy = sample(model, tok, prompts, 12, greedy=True)
+    assert texts1 == greedy.texts
+    assert torch.allclose(torch.tensor(probs1), _p_yes_teacher_forced(
+        model, tok, prompts, [split_trace(t) for t in greedy.texts]), atol=1e-4)
 
 
 @pytest.mark.parametrize("which", ["nano", "smollm2"])
