@@ -218,7 +218,8 @@ def warm_start(model_dir: Path, sft_steps: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12, help="timed GRPO steps per run (after one warm-up step)")
-    ap.add_argument("--rounds", type=int, default=1, help="A B pairs (seeds 0, 1, ...)")
+    ap.add_argument("--rounds", type=int, default=1, help="A B pairs (seeds first-seed, first-seed + 1, ...)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first pair")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (the run owns the machine)")
     ap.add_argument("--sft-steps", type=int, default=10, help="warm-start SFT steps (seed 0 of smollm2_seeds: 10)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype, both sides")
@@ -240,7 +241,7 @@ def main() -> None:
     start = warm_start(model_dir, args.sft_steps, args.threads)
     print(f"warm start: {model_dir} held-out greedy accuracy {start['sft_accuracy']:.3f}", flush=True)
     runs = []
-    for r in range(args.rounds):
+    for r in range(args.first_seed, args.first_seed + args.rounds):
         rnd: dict = {}
         for side in ("rlscale", "trl"):
             job = {"side": side, "model_dir": str(model_dir), "seed": r, "warmup": 1, "steps": args.steps,
