@@ -166,13 +166,15 @@ def save_checkpoint(
     meter: Meter,
     *,
     finished: bool = False,
+    loop: dict | None = None,
 ) -> Path:
     """Write a checkpoint and point `latest` at it; older checkpoints are removed. `finished`: the phase ended at
-    this step (a resume does not train it again).
+    this step (a resume does not train it again). `loop`: this rank's own loop state (plain lists, strings, numbers),
+    returned by `load_checkpoint` as `state["loop"]`.
 
     Under torchrun every rank calls it: rank 0 writes the (replicated) weights and optimizer, and every rank's
     sampling RNG and accounting, so each resumes exactly its own stream and no rank's compute is lost or doubled."""
-    ranks = distributed.gather({"generator": generator.get_state(), "meter": meter.state_dict()})
+    ranks = distributed.gather({"generator": generator.get_state(), "meter": meter.state_dict(), "loop": loop or {}})
     if distributed.rank() != 0:
         distributed.barrier()
         return Path(ckpt_dir) / f"ckpt-{phase}-{step}"
@@ -259,6 +261,7 @@ def load_checkpoint(
     generator.set_state(mine["generator"] if mine else state["generator"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
+    state["loop"] = mine.get("loop", {}) if mine else {}  # another world size: each rank's loop starts afresh
     if mine:
         meter.load_state_dict(mine["meter"])
     elif distributed.rank() == 0:  # a checkpoint of another world size: every rank's total, counted once, on rank 0

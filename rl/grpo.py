@@ -69,6 +69,10 @@ class GRPOConfig(BaseModel):
         "to the smaller's size (GenRM), trained by the supervised check loss alone (needs verify_sft_coef > 0, "
         "verify_coef = 0)."
     )
+    verify_replay: int = Field(
+        0, ge=0, description="With verify_own, the wrong own answers of the last N steps stay candidates for the check "
+        "(late in RL wrong answers are few; the program's labels never go stale), right ones drawn to match (0: off)."
+    )
     eval_every: int = Field(0, ge=0, description="Quick held-out eval every N steps (0: only before and after RL).")
     eval_problems: int = Field(200, ge=1, description="Held-out problems in a quick eval.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
@@ -78,6 +82,9 @@ class GRPOConfig(BaseModel):
         if self.reward == "self_verdict" and self.self_verify:
             raise ValueError("grpo.reward = 'self_verdict' is label-free, but grpo.self_verify trains the verdicts on "
                              "the answers: set grpo.self_verify = false")
+        if self.verify_replay and not self.verify_own:
+            raise ValueError("grpo.verify_replay keeps own wrong answers for the check: it needs grpo.verify_own = "
+                             "true")
         if self.verify_own and not (self.self_verify and self.verify_sft_coef > 0 and self.verify_coef == 0):
             raise ValueError("grpo.verify_own trains the check on the model's own answers by the supervised check "
                              "loss: it needs grpo.self_verify = true, verify_sft_coef > 0 and verify_coef = 0")
@@ -192,9 +199,11 @@ def train_grpo(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
     generator = torch.Generator(device=device).manual_seed(seed + 7919 * distributed.rank())
     start = 0
+    replay: list[list[tuple[str, str]]] = []  # per past step, its wrong answers: (check prompt, program's check)
     state = load_checkpoint(ckpt_dir, "rl", model, optimizer, scheduler, generator, meter) if ckpt_dir else None
     if state is not None:
         start = state["step"]
+        replay = [[tuple(x) for x in past] for past in state["loop"].get("replay", [])]
     # under torchrun, DistributedDataParallel averages gradients over ranks; sampling uses the bare model
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed.world() > 1 else model
 
@@ -202,6 +211,7 @@ def train_grpo(
         if stop_after is not None and step >= stop_after:
             return
         model.train()
+        replay_before = replay  # rebuilt, never mutated, in the step: a checkpoint of this step's start keeps it
         # 1. sample G completions for each of the step's problems: o_1..o_G ~ pi_theta_old(. | q)
         problems = task.problems(cfg.prompts_per_step, "train", seed=seed * 1_000_003 + step)
         problems = problems[distributed.rank() :: distributed.world()]  # under torchrun each rank takes a slice
@@ -232,10 +242,17 @@ def train_grpo(
         #    odds for each answer, its own where it fits (else the reference, or its answer perturbed); a sampled
         #    check is rewarded by agreement with the program verifier (RISE).
         if cfg.self_verify:
-            shown, checked_rows = list(solve.texts), list(rows)
-            if cfg.verify_own:
-                keep = balanced_own(correct, rng)
-                shown, checked_rows = [shown[i] for i in keep], [rows[i] for i in keep]
+            shown, checked_rows, old = list(solve.texts), list(rows), []
+            if cfg.verify_own:  # this step's answers, and the wrong ones kept from the last verify_replay steps
+                past = [x for kept in replay for x in kept]  # (check prompt, program's check) of a wrong answer
+                keep = balanced_own(correct + [False] * len(past), rng)
+                old = [past[i - len(rows)] for i in keep if i >= len(rows)]
+                mine = [i for i in keep if i < len(rows)]
+                shown, checked_rows = [shown[i] for i in mine], [rows[i] for i in mine]
+                if cfg.verify_replay:
+                    wrong = [(verify_prompt(task, p, c), check_target(task, p, c, False))
+                             for p, c, ok in zip(rows, solve.texts, correct) if not ok]
+                    replay = [*replay, wrong][-cfg.verify_replay :]
             elif cfg.verify_balanced:
                 for i, (p, ok) in enumerate(zip(rows, correct)):
                     want_correct = rng.random() < 0.5
@@ -243,8 +260,8 @@ def train_grpo(
                         shown[i] = p.solution
                     elif not want_correct and ok:
                         shown[i] = corrupt(shown[i].strip(), rng)
-            truth = [task.is_correct(p, c) for p, c in zip(checked_rows, shown)]
-            judge = [verify_prompt(task, p, c) for p, c in zip(checked_rows, shown)]
+            truth = [task.is_correct(p, c) for p, c in zip(checked_rows, shown)] + [False] * len(old)
+            judge = [verify_prompt(task, p, c) for p, c in zip(checked_rows, shown)] + [j for j, _ in old]
             if cfg.verify_coef > 0:
                 with meter.phase("verify_rollout"):
                     verify = sample(model, tokenizer, judge, cfg.verify_max_new_tokens, cfg.temperature,
@@ -258,6 +275,7 @@ def train_grpo(
             check = None  # the program's own check of the same answers, teacher-forced (none: no answer to check)
             if cfg.verify_sft_coef > 0 and judge:
                 targets = [check_target(task, p, c, ok) for p, c, ok in zip(checked_rows, shown, truth)]
+                targets += [t for _, t in old]
                 check = Batch(*encode_prompts(tokenizer, judge, device),
                               *encode_completions(tokenizer, targets, device), targets)
             if cfg.verify_sft_coef > 0:  # every rank joins the mean, with or without answers to check
@@ -315,7 +333,8 @@ def train_grpo(
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if distributed.any_rank(not (torch.isfinite(total) and torch.isfinite(grad_norm))):
                     if ckpt_dir:  # the weights are still the last good ones: keep them for a resume
-                        save_checkpoint(ckpt_dir, "rl", step, model, optimizer, scheduler, generator, meter)
+                        save_checkpoint(ckpt_dir, "rl", step, model, optimizer, scheduler, generator, meter,
+                                        loop={"replay": replay_before})
                     raise FloatingPointError(f"non-finite GRPO loss or gradient at RL step {step + 1} (loss "
                                              f"{total.item()}, grad norm {float(grad_norm)}, reward mean "
                                              f"{float(rewards.mean())})")
@@ -346,5 +365,6 @@ def train_grpo(
         metrics.update(meter.metrics())
         callback.on_log(step_offset + step + 1, metrics)
         if ckpt_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter)
+            save_checkpoint(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter,
+                            loop={"replay": replay})
         stop_if_requested(ckpt_dir, "rl", step + 1, model, optimizer, scheduler, generator, meter)
