@@ -38,7 +38,8 @@ CONFIG = [
     "grpo.num_generations=4", "grpo.max_new_tokens=3", "grpo.verify_max_new_tokens=12", "eval.problems=4",
     "eval.samples=4", "eval.max_new_tokens=3", "eval.verify_max_new_tokens=12", "tracking.flush_seconds=0.000001",
     "sft.reuse=false",  # one run, SFT and RL, killed and resumed in its own output_dir
-    "grpo.verify_own=false", "grpo.verify_coef=1.0",  # a sampled check too: two sampling calls a step, both counted
+    "grpo.verify_own=false", "grpo.verify_replay=0", "grpo.verify_coef=1.0",  # a sampled check too: two sampling
+    # calls a step, both counted
 ]
 # counted exactly: a resumed run must end with the same totals as one that was never interrupted
 EXACT = ["compute/flops", "compute/flops/sft", "compute/flops/rollout", "compute/flops/verify_rollout",
