@@ -55,6 +55,11 @@ def test_cpu_peak_is_measured_once_per_key_and_cached(tmp_path, monkeypatch):
     assert calls == [torch.bfloat16]
     keys = json.loads(path.read_text())
     assert len(keys) == 2 and all(f"| {torch.get_num_threads()} threads |" in k for k in keys)
+    # the same model name on a host with other vector instructions (a VM moved off AVX512): measured again
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert peak.cpu_peak("Test CPU", "float32", vcpus, path).flops == pytest.approx(4e9 / vcpus)
+    assert calls == [torch.bfloat16, torch.float32] and len(json.loads(path.read_text())) == 3
 
 
 def test_perf_metrics_are_flops_over_seconds_at_the_peak():

@@ -10,7 +10,8 @@ A GPU's peak is its vendor's dense figure (no sparsity) for the run's dtype, fp3
 for float32 matmuls), matched by exact normalised name as prices are. A CPU's is measured, its equivalent of a
 datasheet peak: the best rate of square matmuls in the run's dtype on the run's torch threads (what the BLAS
 reaches, not the theoretical FMA rate), divided by the vCPUs those threads hold, and cached per host in
-`<cache>/peak_flops.json` ($RLSCALE_CACHE, else ~/.cache/rlscale) by CPU model, torch version, threads and dtype, so
+`<cache>/peak_flops.json` ($RLSCALE_CACHE, else ~/.cache/rlscale) by CPU model, vector instructions (a cloud VM
+that moves to a host without AVX512 keeps its model name), torch version, threads and dtype, so
 a run pays about a second once. A measurement taken while other work loads the machine reads low (MFU then reads
 high): delete the cache file to measure again.
 """
@@ -131,11 +132,12 @@ def cache_file() -> Path:
 
 def cpu_peak(cpu_name: str, dtype: str, vcpus: float, path: Path | None = None) -> Peak:
     """The GEMM peak per vCPU of this host in `dtype` on torch's current threads, which hold `vcpus`: measured once
-    (`gemm_flops`) and cached in `path` (default `cache_file()`) under the CPU model, torch version, threads and
-    dtype."""
+    (`gemm_flops`) and cached in `path` (default `cache_file()`) under the CPU model, its vector instructions as torch
+    sees them, torch version, threads and dtype."""
     path = path or cache_file()
     threads = torch.get_num_threads()
-    key = f"{cpu_name} | torch {torch.__version__} | {threads} threads | {dtype}"
+    isa = torch.backends.cpu.get_cpu_capability()  # AVX512 or AVX2...: a VM's model name can stay when it changes
+    key = f"{cpu_name} | {isa} | torch {torch.__version__} | {threads} threads | {dtype}"
     try:
         cache = json.loads(path.read_text())
     except FileNotFoundError:
@@ -157,7 +159,7 @@ def cpu_peak(cpu_name: str, dtype: str, vcpus: float, path: Path | None = None) 
             json.dump(cache, f, indent=1, sort_keys=True)
         os.replace(f.name, path)  # whole or not at all; a concurrent writer's entry may be lost (measured again)
     return Peak(rate / vcpus, f"measured: {dtype} GEMM {rate:.3g} FLOP/s (n={n}) on {threads} torch threads "
-                              f"= {vcpus:g} vCPUs of {cpu_name}, torch {torch.__version__}; cached in {path}")
+                              f"= {vcpus:g} vCPUs of {cpu_name} ({isa}), torch {torch.__version__}; cached in {path}")
 
 
 def device_peak(tags: dict[str, str]) -> Peak:
