@@ -1,4 +1,4 @@
-"""rlscale's GRPO loss is TRL's: on one batch of sampled completions, the same loss value and the same gradient as
+"""rlscale's GRPO loss is TRL's: on one batch of completions, the same loss value and the same gradient as
 TRL GRPOTrainer's own `_compute_loss`, for each aggregation both implement (what makes the side-by-side benchmarks
 compare speed at equal learning per completion, not two different objectives)."""
 
@@ -18,7 +18,7 @@ def test_loss_and_gradient_equal_trls_on_one_batch(tmp_path):
     torch.manual_seed(0)
     task = make_task(ArithmeticParams(digits=2))
     prompts = [p.prompt for p in task.problems(4, "train", seed=0) for _ in range(4)] + ["3+4="] * 4
-    completions = ["7", "12", "101", "9", "1234"] * 4  # unequal lengths: padding on both sides
+    completions = ["7", "12", "7", "1234"] * 5  # unequal lengths (padding on both sides); rows 0 and 2 of a group alike
     mine, tok = load_model(ModelConfig(size="nano", attn_implementation="eager"), seed=0)
     theirs, _ = load_model(ModelConfig(size="nano", attn_implementation="eager"), seed=0)
     batch = Batch(*encode_prompts(tok, prompts, "cpu"), *encode_completions(tok, completions, "cpu"), completions)
@@ -36,7 +36,7 @@ def test_loss_and_gradient_equal_trls_on_one_batch(tmp_path):
     for loss_type in ("dapo", "grpo", "dr_grpo"):
         mine.zero_grad(), theirs.zero_grad()
         cfg = GRPOConfig(loss_type=loss_type, beta=0.0, epsilon_low=0.2, epsilon_high=0.28)
-        logp, _ = completion_logprobs(mine, batch)
+        logp, _ = completion_logprobs(mine, batch, dedupe=True)  # as train_grpo: prompts once, alike rows once
         loss, stats = grpo_loss(logp, old, None, adv, batch.completion_mask, cfg, max_len=6)  # L: the longest
         loss.backward()
         assert stats["clip_frac"] > 0
