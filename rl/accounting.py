@@ -198,6 +198,15 @@ class Meter:
         finally:
             self.seconds[name] += (time.perf_counter() - t0) * self.devices
 
+    @contextmanager
+    def counting(self, flop_model: FlopModel) -> Iterator[None]:
+        """Count FLOPs with `flop_model` inside the block (a merged copy of a LoRA model runs no adapters)."""
+        saved, self.fm = self.fm, flop_model
+        try:
+            yield
+        finally:
+            self.fm = saved
+
     def add(self, phase: str, flops: float) -> None:
         self.flops[phase] += flops
 

@@ -111,6 +111,15 @@ def _logits_sharing_prompts(model, batch: Batch) -> torch.Tensor:
     return logits
 
 
+def draw(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (B, V) logits from softmax(logits / temperature), by inverse CDF: one uniform a row.
+    torch.multinomial draws an exponential per vocabulary entry instead, 35 ms a token for 32 rows of SmolLM2's 49k
+    (17% of its decoding on a CPU). Summed in float64, so a token keeps its probability to ~1e-16."""
+    cdf = F.softmax(logits.float() / temperature, dim=-1).double().cumsum_(-1)
+    u = torch.rand((len(cdf), 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -144,11 +153,7 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     decode_context = 0
     for t in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = logits.argmax(-1) if greedy else draw(logits, temperature, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, t] = nxt
         done |= nxt == eos

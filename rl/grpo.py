@@ -21,6 +21,7 @@ from rlscale.rl import distributed
 from rlscale.rl.accounting import Callback, Meter
 from rlscale.rl.checkpoint import load_checkpoint, save_checkpoint, stop_if_requested
 from rlscale.rl.generate import Batch, completion_logprobs, encode_completions, encode_prompts, sample
+from rlscale.rl.model import sync_merged
 from rlscale.rl.self_verify import balanced_own, check_target, corrupt, p_yes, verdict_reward, verify_prompt
 from rlscale.rl.tasks import Task
 
@@ -180,17 +181,20 @@ def train_grpo(
     step_offset: int = 0,
     on_eval=None,
     stop_after: int | None = None,
+    sampler: PreTrainedModel | None = None,
 ) -> None:
     """Run `cfg.steps` GRPO steps, resuming from `ckpt_dir` when it holds an RL checkpoint.
 
     `on_eval(step)` runs a quick held-out eval every `cfg.eval_every` steps; metrics leave through `callback`
     at global step `step_offset + step`. `stop_after` ends the loop early (for tests of resume). With beta > 0
-    the reference is `ref_model`, or when it is None the model's LoRA adapters switched off."""
+    the reference is `ref_model`, or when it is None the model's LoRA adapters switched off. `sampler`, a LoRA
+    model's `merged_copy`, is refreshed at each step's start and samples the step's answers and checks."""
     G = cfg.num_generations
     if cfg.prompts_per_step % distributed.world():
         raise ValueError(f"grpo.prompts_per_step {cfg.prompts_per_step} is not divisible by {distributed.world()} "
                          "ranks")
     fm = meter.fm
+    draw, fm_draw = (model, fm) if sampler is None else (sampler, fm.without_adapter())  # what samples, its FLOPs
     device = next(model.parameters()).device
     trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
     # not fused=True: -2% a tiny step (near noise), and its other rounding moved addition.toml's seed 1 SFT from 53.6%
@@ -218,17 +222,18 @@ def train_grpo(
         rng = random.Random(f"grpo:{seed}:{step}:{distributed.rank()}")
         rows = [p for p in problems for _ in range(G)]
         with meter.phase("rollout"):
-            solve = sample(model, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
+            fold = sync_merged(sampler, model) if sampler is not None else 0.0  # W + alpha/r BA, this step's
+            solve = sample(draw, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
                            generator=generator)
-        meter.add("rollout", fm.generation(solve))
+        meter.add("rollout", fold + fm_draw.generation(solve))
         if cfg.reward == "verifier":
             rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
             correct = (rewards == 1.0).tolist()  # reward is 1 exactly when the verifier accepts the answer
         else:  # label-free: r_i = the model's own P(yes) on its answer, no answer key read
             judge = [verify_prompt(task, p, c) for p, c in zip(rows, solve.texts)]
             with meter.phase("verify_rollout"):
-                rewards, passes = p_yes(model, tokenizer, judge, [""] * len(rows), [p.prompt for p in rows])
-            meter.add("verify_rollout", sum(fm.forward(*x) for x in passes))
+                rewards, passes = p_yes(draw, tokenizer, judge, [""] * len(rows), [p.prompt for p in rows])
+            meter.add("verify_rollout", sum(fm_draw.forward(*x) for x in passes))
             rewards = rewards.float().cpu()
             correct = [task.is_correct(p, c) for p, c in zip(rows, solve.texts)]  # logged only, never a reward
         batches: list[tuple[str, Batch, torch.Tensor, float]] = [
@@ -264,9 +269,9 @@ def train_grpo(
             judge = [verify_prompt(task, p, c) for p, c in zip(checked_rows, shown)] + [j for j, _ in old]
             if cfg.verify_coef > 0:
                 with meter.phase("verify_rollout"):
-                    verify = sample(model, tokenizer, judge, cfg.verify_max_new_tokens, cfg.temperature,
+                    verify = sample(draw, tokenizer, judge, cfg.verify_max_new_tokens, cfg.temperature,
                                     generator=generator)
-                meter.add("verify_rollout", fm.generation(verify))
+                meter.add("verify_rollout", fm_draw.generation(verify))
                 v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
                 batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
                                 cfg.verify_coef))

@@ -11,6 +11,7 @@ import shutil
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,10 @@ class LoraConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names that get adapters, or 'all-linear' (every linear but the LM head)."
+    )
+    merged_sampling: bool = Field(
+        True, description="Sample rollouts and evals from a copy with the adapters folded in, refreshed each step: "
+        "no per-layer adapter work (13% of a SmolLM2 decode on a CPU), one more copy of the base weights in memory."
     )
 
 
@@ -337,6 +342,29 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> PreTrai
 def merge_lora(model: PreTrainedModel) -> PreTrainedModel:
     """The base model with its adapters folded into the weights (W + alpha/r BA); other models unchanged."""
     return model.merge_and_unload() if hasattr(model, "peft_config") else model
+
+
+def merged_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen plain copy of a LoRA model with its adapters folded in, to sample from (`sync_merged` refreshes it);
+    TRL folds adapters the same way before it hands weights to vLLM."""
+    return deepcopy(model).merge_and_unload().eval().requires_grad_(False)
+
+
+def sync_merged(copy: PreTrainedModel, model: PreTrainedModel) -> float:
+    """Set each adapted weight of `copy` (`merged_copy`) to W + alpha/r BA from `model`'s adapters as they are now;
+    returns the FLOPs of the products BA."""
+    from peft.tuners.lora import LoraLayer
+
+    flops = 0.0
+    with torch.no_grad():
+        for name, layer in model.get_base_model().named_modules():
+            if isinstance(layer, LoraLayer):
+                weight = copy.get_submodule(name).weight
+                weight.copy_(layer.get_base_layer().weight)
+                for adapter in layer.active_adapters:
+                    weight += layer.get_delta_weight(adapter)
+                    flops += 2.0 * layer.r[adapter] * weight.numel()  # B A, as every count here: products only
+    return flops
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel
 
 from rlscale.rl import distributed
 from rlscale.rl.accounting import Callback, FlopModel, Meter, cpu_devices
@@ -35,8 +36,10 @@ from rlscale.rl.model import (
     count_params,
     load_model,
     merge_lora,
+    merged_copy,
     pick_device,
     save_model,
+    sync_merged,
 )
 from rlscale.rl.sft import SFTConfig, train_sft
 from rlscale.rl.tasks import ArithmeticParams, Problem, Task, TaskConfig, make_task
@@ -165,11 +168,24 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
     meter = Meter(FlopModel.of(model), devices=device_share if cuda else cpu_devices(), started=started,
                   energy=GpuEnergy([gpu_uuid(device)]) if cuda else None)
 
+    # LoRA: rollouts and evals sample from a copy with the adapters folded in, refreshed before each use
+    sampler = merged_copy(model) if cfg.model.lora is not None and cfg.model.lora.merged_sampling else None
+
+    def drawing() -> tuple[PreTrainedModel, FlopModel]:
+        """What an eval samples from, refreshed (the merged copy, or the model itself), and its FLOP model."""
+        if sampler is None:
+            return model, meter.fm
+        with meter.phase("eval"):
+            meter.add("eval", sync_merged(sampler, model))
+        return sampler, meter.fm.without_adapter()
+
     def run_eval(problems, step: int) -> tuple[dict[str, float], list[dict]]:
         if not lead:
             return {}, []
         gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + step)
-        metrics, table = evaluate(model, tokenizer, task, problems, cfg.eval, meter, gen)
+        draw, fm = drawing()
+        with meter.counting(fm):
+            metrics, table = evaluate(draw, tokenizer, task, problems, cfg.eval, meter, gen)
         model.train()
         return metrics, table
 
@@ -178,9 +194,10 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
         check_problems = task.problems(cfg.sft.check_problems, "train", seed=-cfg.seed - 10**9)  # no eval leakage
 
         def train_accuracy() -> float:
+            draw, fm = drawing()
             with meter.phase("eval"):
-                b = sample(model, tokenizer, [p.prompt for p in check_problems], cfg.eval.max_new_tokens, greedy=True)
-            meter.add("eval", meter.fm.generation(b))
+                b = sample(draw, tokenizer, [p.prompt for p in check_problems], cfg.eval.max_new_tokens, greedy=True)
+            meter.add("eval", fm.generation(b))
             return sum(task.is_correct(p, c) for p, c in zip(check_problems, b.texts)) / len(check_problems)
 
         sft_steps = train_sft(model, tokenizer, task, cfg.sft, seed=cfg.seed, meter=meter, callback=callback,
@@ -211,7 +228,7 @@ def run_pipeline(cfg: PipelineConfig, callback: Callback, resume: bool = True, *
     quick = eval_problems[: cfg.grpo.eval_problems]
     train_grpo(
         model, tokenizer, task, cfg.grpo, seed=cfg.seed, meter=meter, callback=callback, ref_model=ref_model,
-        ckpt_dir=ckpt_dir, step_offset=sft_steps, on_eval=lambda step: run_eval(quick, step)[0],
+        ckpt_dir=ckpt_dir, step_offset=sft_steps, on_eval=lambda step: run_eval(quick, step)[0], sampler=sampler,
     )
 
     # 3. final held-out evaluation on the same problems as the SFT checkpoint's

@@ -39,13 +39,13 @@ def install(point: str, n: int) -> None:
         import torch
 
         from rlscale.rl import grpo as rl_grpo
-        original, multinomial = rl_grpo.sample, torch.multinomial
+        original, searchsorted = rl_grpo.sample, torch.searchsorted
         armed = False
 
-        def killing_multinomial(*args, **kwargs):
+        def killing_searchsorted(*args, **kwargs):
             if armed:
                 die()
-            return multinomial(*args, **kwargs)
+            return searchsorted(*args, **kwargs)
 
         def sample(*args, **kwargs):
             nonlocal armed
@@ -56,7 +56,7 @@ def install(point: str, n: int) -> None:
             return original(*args, **kwargs)
 
         rl_grpo.sample = sample
-        torch.multinomial = killing_multinomial
+        torch.searchsorted = killing_searchsorted
     elif point == "backward":
         import torch
 

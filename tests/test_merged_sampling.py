@@ -1,0 +1,116 @@
+"""The faster sampling paths draw what the slow ones drew: tokens by inverse CDF from the same distribution, and a
+LoRA model's rollouts and evals from a copy with its adapters folded in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch.utils.flop_counter import FlopCounterMode
+
+from rlscale.rl.accounting import FlopModel, Meter
+from rlscale.rl.evaluate import EvalConfig, evaluate
+from rlscale.rl.generate import draw
+from rlscale.rl.grpo import GRPOConfig, train_grpo
+from rlscale.rl.model import LoraConfig, ModelConfig, add_lora, load_model, merged_copy, sync_merged
+from rlscale.rl.tasks import ArithmeticParams, make_task
+
+
+def test_draw_follows_the_softmax_and_never_picks_an_impossible_token():
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0, -30.0]] * 2000)
+    temperature = 0.7
+    counts = torch.zeros(6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        counts += torch.bincount(draw(logits, temperature, g), minlength=6)
+    assert counts[3] == 0 and counts[5] == 0  # -inf never; e^-30 not in 20,000 draws (p ~ 1e-13)
+    p = torch.softmax(logits[0] / temperature, -1).double()
+    seen = [0, 1, 2, 4]
+    assert chisquare(counts[seen].numpy(), p[seen].numpy() / p[seen].sum().item() * counts.sum().item()).pvalue > 1e-3
+    # a distribution with one sure token draws it every time; rows are drawn independently
+    sure = torch.full((4, 6), -1e4).index_fill_(1, torch.tensor([4]), 0.0)
+    assert draw(sure, 1.0, g).tolist() == [4, 4, 4, 4]
+
+
+def _lora_nano(seed: int = 0):
+    base, tok = load_model(ModelConfig(size="nano"), seed=0)
+    model = add_lora(base, LoraConfig(rank=4), seed=0)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # adapters that change the model (fresh ones have B = 0)
+    return model, tok
+
+
+def test_merged_copy_computes_what_the_adapters_compute_and_follows_them():
+    model, _ = _lora_nano()
+    copy = merged_copy(model)
+    ids = torch.randint(4, 90, (3, 12))
+    with torch.no_grad():
+        assert torch.allclose(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        with model.disable_adapter():  # the adapters matter: the copy is not the base model
+            assert not torch.allclose(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.mul_(-1.5)  # the adapters train on
+        assert not torch.allclose(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)  # stale
+        flops = sync_merged(copy, model)
+        assert torch.allclose(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert not any(p.requires_grad for p in copy.parameters())
+    assert not any("lora_" in n for n, _ in copy.named_parameters())
+    # the copy owns its weights: the model's frozen base is untouched by the sync
+    now = {n.replace(".base_layer", ""): p for n, p in model.get_base_model().named_parameters() if "lora_" not in n}
+    fresh, _ = load_model(ModelConfig(size="nano"), seed=0)
+    assert all(torch.equal(now[n], p) for n, p in fresh.named_parameters())
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert flops == sum(2 * 4 * m.get_base_layer().weight.numel() for m in adapted) > 0
+
+
+def test_eval_statistics_are_the_same_from_the_merged_copy():
+    """Every eval number (greedy, sampled, pass@k, majority, checks' P(yes)) from the copy equals the adapters'
+    to 1e-6: the same tokens are drawn (same generator), the logits differ only by float rounding."""
+    model, tok = _lora_nano(seed=1)
+    task = make_task(ArithmeticParams(digits=2))
+    problems = task.problems(24, "eval", seed=0)
+    cfg = EvalConfig(problems=24, samples=4, max_new_tokens=4, verify_max_new_tokens=12)
+    slow = evaluate(model, tok, task, problems, cfg, Meter(FlopModel.of(model)), torch.Generator().manual_seed(5))
+    copy = merged_copy(model)
+    fast = evaluate(copy, tok, task, problems, cfg, Meter(FlopModel.of(copy)), torch.Generator().manual_seed(5))
+    assert slow[0].keys() == fast[0].keys()
+    for k, v in slow[0].items():
+        assert fast[0][k] == pytest.approx(v, abs=1e-6), k
+    assert [r["answer"] for r in slow[1]] == [r["answer"] for r in fast[1]]
+    assert [r["p_yes"] for r in slow[1]] == pytest.approx([r["p_yes"] for r in fast[1]], abs=1e-4)
+
+
+def test_grpo_samples_from_the_synced_copy_and_counts_what_ran():
+    """Rollouts come from the copy, refreshed each step (so the same answers as from the adapters themselves), and
+    the rollout FLOPs are the copy's (no adapter work) plus the folds, as torch counts them."""
+    task = make_task(ArithmeticParams(digits=1))
+    cfg = GRPOConfig(steps=3, prompts_per_step=4, num_generations=4, max_new_tokens=3, learning_rate=1e-2,
+                     self_verify=False)
+
+    class Log:
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, step, metrics):
+            self.logs.append(metrics)
+
+    runs = {}
+    for merged in (False, True):
+        model, tok = _lora_nano()
+        model.config._attn_implementation = "eager"  # every matmul visible to the counter
+        copy = merged_copy(model) if merged else None
+        meter, log = Meter(FlopModel.of(model)), Log()
+        with FlopCounterMode(display=False) as fc:
+            train_grpo(model, tok, task, cfg, seed=0, meter=meter, callback=log, sampler=copy)
+        runs[merged] = (log.logs, meter, fc.get_total_flops())
+    (slow, _, _), (fast, meter, counted) = runs[False], runs[True]
+    assert [m["train/reward_mean"] for m in slow] == [m["train/reward_mean"] for m in fast]
+    assert [m["train/loss"] for m in slow] == pytest.approx([m["train/loss"] for m in fast], abs=1e-5)
+    # the same tokens ran either way: what the copy saved less what the folds cost is what torch saw change
+    saved = sum(runs[False][1].flops.values()) - sum(meter.flops.values())
+    assert saved > 0 and saved == pytest.approx(runs[False][2] - counted, rel=0.01)
+    assert sum(meter.flops.values()) == pytest.approx(counted, rel=0.05)
