@@ -34,7 +34,7 @@ from rlscale.rl.accounting import FlopModel, Meter  # noqa: E402
 from rlscale.rl.evaluate import evaluate  # noqa: E402
 from rlscale.rl.generate import _prefill_distinct, completion_logprobs, sample  # noqa: E402
 from rlscale.rl.grpo import group_advantages  # noqa: E402
-from rlscale.rl.model import LoraConfig, ModelConfig, add_lora, load_model  # noqa: E402
+from rlscale.rl.model import LoraConfig, ModelConfig, add_lora, load_model, merged_copy, sync_merged  # noqa: E402
 from rlscale.rl.self_verify import p_yes, split_trace, verify_prompt  # noqa: E402
 from rlscale.tracking.peak import gemm_flops  # noqa: E402
 
@@ -46,7 +46,10 @@ def timed(fn, *args, **kwargs):
 
 
 def profile_step(model, tok, task, fm: FlopModel, steps: int) -> dict:
-    """Seconds and FLOPs of each part of `steps` GRPO steps (after one warm-up), medians."""
+    """Seconds and FLOPs of each part of `steps` GRPO steps (after one warm-up), medians. Sampling runs as in
+    train_grpo: from the merged copy (model.lora.merged_sampling), refreshed first (its time is in decode)."""
+    copy = merged_copy(model)
+    fm_copy = fm.without_adapter()
     G, prompts, max_new = 8, 4, 24
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     gen = torch.Generator().manual_seed(0)
@@ -57,9 +60,11 @@ def profile_step(model, tok, task, fm: FlopModel, steps: int) -> dict:
         rows = [p for p in problems for _ in range(G)]
         t0 = time.perf_counter()
         model.train()
-        batch, t_sample = timed(sample, model, tok, [p.prompt for p in rows], max_new, generator=gen)
+        fold, t_sync = timed(sync_merged, copy, model)
+        batch, t_sample = timed(sample, copy, tok, [p.prompt for p in rows], max_new, generator=gen)
+        t_sample += t_sync
         with torch.no_grad():  # the prefill alone, to split sampling into prefill and decode
-            _, t_prefill = timed(_prefill_distinct, model, batch.prompt_ids, batch.prompt_mask)
+            _, t_prefill = timed(_prefill_distinct, copy, batch.prompt_ids, batch.prompt_mask)
         rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, batch.texts)])
         adv = group_advantages(rewards, G)
         (logp, _), t_fwd = timed(completion_logprobs, model, batch, dedupe=True)
@@ -70,9 +75,9 @@ def profile_step(model, tok, task, fm: FlopModel, steps: int) -> dict:
         total = time.perf_counter() - t0 - t_prefill  # the extra prefill is not part of a step
         if step == 0:
             continue
-        gen_flops = fm.generation(batch)
+        gen_flops = fm_copy.generation(batch) + fold
         P = batch.prompt_ids.shape[1]
-        prefill_flops = fm.sequences(len(problems), P, logits_per_row=1)
+        prefill_flops = fm_copy.sequences(len(problems), P, logits_per_row=1)
         fwd = fm.logprobs(batch, dedupe=True)
         for name, sec, fl in (("prefill", t_prefill, prefill_flops), ("decode", t_sample - t_prefill,
                                                                       gen_flops - prefill_flops),
@@ -83,14 +88,16 @@ def profile_step(model, tok, task, fm: FlopModel, steps: int) -> dict:
             parts.setdefault(name, []).append(sec)
             if fl is not None:
                 flops[name] = flops.get(name, 0.0) + fl / steps
-        flops["step"] = flops.get("step", 0.0) + fm.generation(batch) / steps + fm.logprobs(batch, train=True,
-                                                                                             dedupe=True) / steps
+        flops["step"] = flops.get("step", 0.0) + gen_flops / steps + fm.logprobs(batch, train=True, dedupe=True) / steps
     return {name: {"seconds": round(statistics.median(v), 3), "flops": flops.get(name, 0.0)}
             for name, v in parts.items()}
 
 
 def profile_eval(model, tok, task, fm: FlopModel, n: int) -> dict:
-    """Seconds and FLOPs of the parts of a held-out evaluation of `n` problems, and of the whole evaluate()."""
+    """Seconds and FLOPs of the parts of a held-out evaluation of `n` problems, and of the whole evaluate(), from
+    the merged copy as run_pipeline evaluates."""
+    model = merged_copy(model)
+    fm = fm.without_adapter()
     cfg = _pipeline_cfg().eval.model_copy(update={"problems": n})
     problems = task.problems(n, "eval", seed=cfg.seed)
     gen = torch.Generator().manual_seed(0)
