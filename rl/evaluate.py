@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlscale.rl.accounting import Meter
 from rlscale.rl.generate import sample
-from rlscale.rl.self_verify import p_yes, p_yes_after_check, split_trace, verify_prompt
+from rlscale.rl.self_verify import p_yes_from_cache, split_trace, verify_prompt
 from rlscale.rl.tasks import Problem, Task
 
 
@@ -78,43 +78,58 @@ def pick(answers: list[str], scores: list[float], how: str) -> int:
     return next(j for j, a in enumerate(answers) if weight[a] == top)
 
 
-def _generate(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter, greedy: bool, generator, max_new) -> list[str]:
-    texts: list[str] = []
-    for i in range(0, len(prompts), cfg.batch_size):
+def _answer(model, tokenizer, task: Task, problems: list[Problem], cfg: EvalConfig, meter: Meter,
+            generator: torch.Generator | None) -> tuple[list[str], list[str], dict[str, float]]:
+    """Each problem's greedy answer and its `samples` sampled ones, generated in one batch (each prompt prefilled
+    once for all of them; the samples draw as they would alone). With a verdict-only check (`task.check =
+    "verdict"`), P(yes) of each distinct sampled answer too, read by continuing the KV cache of the row that wrote
+    it (`p_yes_from_cache`: the prompt and answer are not run again). Returns the greedy answers, the sampled ones
+    (`samples` a problem, in order) and P(yes) by verify prompt (empty with a written check)."""
+    per = cfg.samples + 1  # each problem's rows: its greedy answer, then its samples
+    step = max(1, cfg.batch_size // per)  # problems per batch
+    verdict = task.params.check == "verdict"
+    greedy, sampled, score_of = [], [], {}
+    for i in range(0, len(problems), step):
+        chunk = problems[i : i + step]
         with meter.phase("eval"):
-            b = sample(model, tokenizer, prompts[i : i + cfg.batch_size], max_new,
-                       cfg.temperature, greedy=greedy, generator=generator)
+            b = sample(model, tokenizer, [p.prompt for p in chunk for _ in range(per)], cfg.max_new_tokens,
+                       cfg.temperature, greedy=torch.arange(len(chunk) * per) % per == 0, generator=generator,
+                       keep_cache=verdict)
         meter.add("eval", meter.fm.generation(b))
-        texts += b.texts
-    return texts
+        greedy += b.texts[::per]
+        sampled += [t for j, t in enumerate(b.texts) if j % per]
+        if verdict:  # an answer given twice to the same problem is judged once
+            first: dict[str, int] = {}
+            for j, t in enumerate(b.texts):
+                if j % per:
+                    first.setdefault(verify_prompt(task, chunk[j // per], t), j)
+            with meter.phase("eval"):
+                p, passes = p_yes_from_cache(model, tokenizer, b, list(first), [""] * len(first),
+                                             list(first.values()))
+            meter.add("eval", sum(meter.fm.forward(*x) for x in passes))
+            score_of |= dict(zip(first, p.tolist()))
+        b.cache = None  # its memory back before the next chunk
+    return greedy, sampled, score_of
 
 
-def _check(model, tokenizer, prompts, heads, cfg: EvalConfig, meter: Meter, written: bool,
+def _check(model, tokenizer, prompts, cfg: EvalConfig, meter: Meter,
            generator: torch.Generator | None) -> tuple[list, list]:
     """Each answer checked by the model: a greedy written check (or `verify_samples` sampled ones), then its
-    verdict's P(yes) read by continuing the check's KV cache (`p_yes_after_check`: the values of `p_yes` without
-    running prompt and check again), averaged over the checks; without a written check (`task.check = "verdict"`),
-    P(yes) read in one pass, each problem's prompt (`heads`) run once for all its answers. Returns the first check
-    written for each answer and its P(yes)."""
+    verdict's P(yes) read by continuing the check's KV cache (`p_yes_from_cache`: the values of `p_yes` without
+    running prompt and check again), averaged over the checks. Returns the first check written for each answer and
+    its P(yes)."""
     texts: list[str] = []
     probs: list[float] = []
-    k = cfg.verify_samples if written else 1
+    k = cfg.verify_samples
     rows = max(1, cfg.batch_size // k)  # answers per batch: k checks each
     for i in range(0, len(prompts), rows):
-        chunk = prompts[i : i + rows]
-        if not written:
-            with meter.phase("eval"):
-                p, passes = p_yes(model, tokenizer, chunk, [""] * len(chunk), heads[i : i + rows])
-            meter.add("eval", sum(meter.fm.forward(*x) for x in passes))
-            texts += [""] * len(p)
-            probs += p.tolist()
-            continue
+        chunk = [c for c in prompts[i : i + rows] for _ in range(k)]
         with meter.phase("eval"):
-            b = sample(model, tokenizer, [c for c in chunk for _ in range(k)], cfg.verify_max_new_tokens,
+            b = sample(model, tokenizer, chunk, cfg.verify_max_new_tokens,
                        cfg.temperature, greedy=k == 1, generator=generator, keep_cache=True)
-            p, (n, fed, keys) = p_yes_after_check(model, tokenizer, b, [split_trace(t) for t in b.texts])
+            p, passes = p_yes_from_cache(model, tokenizer, b, chunk, [split_trace(t) for t in b.texts])
         b.cache = None  # its memory back before the next chunk
-        meter.add("eval", meter.fm.generation(b) + meter.fm.forward(n * fed, keys))
+        meter.add("eval", meter.fm.generation(b) + sum(meter.fm.forward(*x) for x in passes))
         texts += b.texts[::k]
         probs += p.view(-1, k).mean(1).tolist()  # P(yes) = mean over the k checks of P(yes | check)
     return texts, probs
@@ -132,21 +147,21 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Scores under `eval/...` names, and a table of every sampled answer with its verdicts."""
     n = cfg.samples
-    greedy = _generate(model, tokenizer, [p.prompt for p in problems], cfg, meter, True, generator, cfg.max_new_tokens)
+    greedy, sampled, score_of = _answer(model, tokenizer, task, problems, cfg, meter, generator)
     greedy_ok = [task.is_correct(p, c) for p, c in zip(problems, greedy)]
-
     rows = [p for p in problems for _ in range(n)]
-    sampled = _generate(model, tokenizer, [p.prompt for p in rows], cfg, meter, False, generator, cfg.max_new_tokens)
     ok = [task.is_correct(p, c) for p, c in zip(rows, sampled)]
-    # the model checks each answer: a greedy check or k sampled ones (unless it gives only a verdict), then P(yes)
-    # vs P(no) as its verdict; an answer given twice to the same problem is checked once
+    # the model checks each answer: P(yes) after its answer (a verdict alone, read above), or a written check,
+    # greedy or k sampled, then P(yes) vs P(no) as its verdict; an answer given twice to the same problem is checked
+    # once
     vprompts = [verify_prompt(task, p, c) for p, c in zip(rows, sampled)]
-    distinct = list(dict.fromkeys(vprompts))
-    head_of = {v: p.prompt for v, p in zip(vprompts, rows)}
-    checked, trusted = _check(model, tokenizer, distinct, [head_of[v] for v in distinct], cfg, meter,
-                              task.params.check != "verdict", generator)
-    check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
-    checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
+    if task.params.check == "verdict":
+        checks, scores = [""] * len(vprompts), [score_of[v] for v in vprompts]
+    else:
+        distinct = list(dict.fromkeys(vprompts))
+        checked, trusted = _check(model, tokenizer, distinct, cfg, meter, generator)
+        check_of, score_of = dict(zip(distinct, checked)), dict(zip(distinct, trusted))
+        checks, scores = [check_of[v] for v in vprompts], [score_of[v] for v in vprompts]
     verdicts = [s > 0.5 for s in scores]
 
     answers = [task.answer_text(c) for c in sampled]

@@ -127,20 +127,23 @@ def sample(
     prompts: list[str],
     max_new_tokens: int,
     temperature: float = 1.0,
-    greedy: bool = False,
+    greedy: bool | torch.Tensor = False,
     generator: torch.Generator | None = None,
     dedupe: bool = True,
     keep_cache: bool = False,
 ) -> Batch:
-    """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos.
+    """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos. `greedy`: every row
+    takes the most likely token, or none does, or a (B,) bool tensor says which rows do (a problem's greedy answer
+    and its samples in one batch share one prefill; the sampled rows draw as they would alone).
 
     With `dedupe`, each distinct prompt is prefilled once and its KV cache copied to its rows: the same samples
     for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them. With `keep_cache`, the
-    batch keeps the KV cache for a continuation (`self_verify.p_yes_after_check`)."""
+    batch keeps the KV cache for a continuation (`self_verify.p_yes_from_cache`)."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = prompt_ids.shape
+    greedy = greedy if isinstance(greedy, bool) else greedy.to(device)
     if dedupe:
         cache, logits = _prefill_distinct(model, prompt_ids, prompt_mask)
         logits = logits[:, -1, :]
@@ -153,7 +156,11 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     decode_context = 0
     for t in range(max_new_tokens):
-        nxt = logits.argmax(-1) if greedy else draw(logits, temperature, generator)
+        if isinstance(greedy, bool):
+            nxt = logits.argmax(-1) if greedy else draw(logits, temperature, generator)
+        else:
+            nxt = logits.argmax(-1)
+            nxt[~greedy] = draw(logits[~greedy], temperature, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, t] = nxt
         done |= nxt == eos

@@ -96,6 +96,34 @@ def sft_examples(
     return out
 
 
+def _verdicts(model, out, mask: torch.Tensor, tails: list[tuple[list[int], list[int]]], pad: int
+              ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """P(yes) after a pass over each row's shared tokens (`out`: its KV cache and the logits of its last token;
+    `mask`: the attention mask so far): the two verdict tails of a row, where "yes" and "no" differ, continue from
+    the one cache and only they are scored. Returns P(yes) and the tail pass, if one ran."""
+    device, B, L = mask.device, len(tails), mask.shape[1]
+    T = max(len(t) for pair in tails for t in pair)
+    tail_ids = torch.full((2 * B, T), pad, dtype=torch.long)
+    tail_mask = torch.zeros((2 * B, T), dtype=torch.long)
+    for i, (y, n) in enumerate(tails):
+        for j, t in ((i, y), (B + i, n)):  # yes rows first, then no rows
+            tail_ids[j, : len(t)], tail_mask[j, : len(t)] = torch.tensor(t), 1
+    tail_ids, tail_mask = tail_ids.to(device), tail_mask.to(device)
+    both = torch.arange(2 * B, device=device) % B
+    cache, logits = out.cache, out.logits[:, -1:, :].index_select(0, both)
+    passes = []
+    if T > 1:  # the verdict tails, both from the one cached prefix
+        cache.reorder_cache(both)
+        full = torch.cat([mask.index_select(0, both), tail_mask[:, :-1]], dim=1)
+        rest = model(input_ids=tail_ids[:, :-1], attention_mask=full, position_ids=((full.cumsum(-1) - 1)[:, L:]),
+                     cache=cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], dim=1)
+        passes.append((2 * B * (T - 1), 2 * B * ((T - 1) * L + (T - 1) * T // 2), 2 * B * (T - 1)))
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail_ids[..., None]).squeeze(-1)
+    seq = (logp * tail_mask).sum(-1)
+    return torch.sigmoid(seq[:B] - seq[B:]), passes
+
+
 @torch.no_grad()
 def p_yes(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str],
@@ -123,7 +151,7 @@ def p_yes(
         k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
         prefixes.append(bos + p + y[:k])
         tails.append((y[k:], n[k:]))
-    B, T = len(prefixes), max(len(t) for pair in tails for t in pair)
+    B = len(prefixes)
     head_rows = [bos + h for h in tokenizer(heads, add_special_tokens=False)["input_ids"]] if heads else []
     if not all(0 < len(h) < len(row) and row[: len(h)] == h for h, row in zip(head_rows, prefixes)):
         head_rows = []  # nothing shared: a head tokenised apart from its prompt's start
@@ -148,77 +176,58 @@ def p_yes(
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         passes.append((B * ids.shape[1], B * ids.shape[1] ** 2, B))
-    L = mask.shape[1]
-    tail_ids = torch.full((2 * B, T), pad, dtype=torch.long)
-    tail_mask = torch.zeros((2 * B, T), dtype=torch.long)
-    for i, (y, n) in enumerate(tails):
-        for j, t in ((i, y), (B + i, n)):  # yes rows first, then no rows
-            tail_ids[j, : len(t)], tail_mask[j, : len(t)] = torch.tensor(t), 1
-    tail_ids, tail_mask = tail_ids.to(device), tail_mask.to(device)
-    both = torch.arange(2 * B, device=device) % B
-    cache, logits = out.cache, out.logits[:, -1:, :].index_select(0, both)
-    if T > 1:  # the verdict tails, both from the one cached prefix
-        cache.reorder_cache(both)
-        full = torch.cat([mask.index_select(0, both), tail_mask[:, :-1]], dim=1)
-        rest = model(input_ids=tail_ids[:, :-1], attention_mask=full, position_ids=((full.cumsum(-1) - 1)[:, L:]),
-                     cache=cache, use_cache=True)
-        logits = torch.cat([logits, rest.logits], dim=1)
-        passes.append((2 * B * (T - 1), 2 * B * ((T - 1) * L + (T - 1) * T // 2), 2 * B * (T - 1)))
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail_ids[..., None]).squeeze(-1)
-    seq = (logp * tail_mask).sum(-1)
-    return torch.sigmoid(seq[:B] - seq[B:]), passes
+    p, tail_pass = _verdicts(model, out, mask, tails, pad)
+    return p, passes + tail_pass
 
 
 @torch.no_grad()
-def p_yes_after_check(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, checked: Batch, traces: list[str]
-) -> tuple[torch.Tensor, float]:
-    """`p_yes` of the prompts and checks of `checked`, a greedy `sample(..., keep_cache=True)` of the check prompts,
-    continuing its KV cache instead of running prompt and check again: the cached positions that the teacher-forced
-    prefix shares with what was generated are kept (masked beyond), the rest of the prefix and the two verdict tails
-    are fed. The same values as `p_yes` up to float rounding. Returns P(yes) and the (rows, fed tokens, keys
-    attended) of the continuation, for FLOP accounting: `FlopModel.forward(rows * fed, keys)`."""
-    device = checked.prompt_ids.device
+def p_yes_from_cache(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampled: Batch, prompts: list[str],
+    traces: list[str], rows: list[int] | None = None,
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """`p_yes(prompts, traces)` for `rows` of a `sample(..., keep_cache=True)` batch (default: all, in order),
+    continuing its KV cache instead of running again what it holds: the tokens of a row's prompt and what it
+    generated that agree with the start of the teacher-forced sequence stay (masked beyond), the rest runs once a
+    row and the two verdict tails continue from it. Written checks: the check prompts and the checks just written;
+    a verdict after the answer (`task.check = "verdict"`): the problems' prompts and their answers, which the verdict
+    prompt repeats. The same values as `p_yes` up to float rounding. Returns P(yes) and the passes run, (tokens,
+    keys attended, logits) each, for `FlopModel.forward`."""
+    device = sampled.prompt_ids.device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    B, P = checked.prompt_ids.shape
-    fed_gen = checked.completion_ids.shape[1] - 1  # the last sampled token was never fed: the cache stops before it
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = list(range(len(prompts))) if rows is None else rows
+    B, (_, P) = len(rows), sampled.prompt_ids.shape
+    fed_gen = sampled.completion_ids.shape[1] - 1  # the last sampled token was never fed: the cache stops before it
     C = P + fed_gen
+    lengths = sampled.prompt_mask.sum(1).tolist()
+    held = torch.cat([sampled.prompt_ids, sampled.completion_ids[:, :fed_gen]], 1).tolist()  # the cached tokens
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
     no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
-    generated = checked.completion_ids.tolist()
-    cache_mask = torch.cat([checked.prompt_mask, torch.ones((B, fed_gen), dtype=torch.long, device=device)], 1)
-    feeds, starts = [], []
-    for i, (y, n, g) in enumerate(zip(yes_ids, no_ids, generated)):
-        y, n = y + [eos], n + [eos]
+    cache_mask = torch.cat([sampled.prompt_mask, torch.ones((len(held), fed_gen), dtype=torch.long, device=device)], 1)
+    cache_mask = cache_mask[rows]
+    bodies, tails = [], []
+    for i, (row, p, y, n) in enumerate(zip(rows, prompt_ids, yes_ids, no_ids)):
+        y, n = bos + p + y + [eos], bos + p + n + [eos]
         k = next(j for j in range(min(len(y), len(n)) + 1) if j == min(len(y), len(n)) or y[j] != n[j])
-        k = min(k, len(y) - 1, len(n) - 1)
-        shared = y[:k]  # the check's tokens as the definition tokenises them
-        r = next(j for j in range(min(k, fed_gen) + 1) if j == min(k, fed_gen) or shared[j] != g[j])
-        # keep cache positions before P + r - 1 and feed again from there: the logits of the last kept token predict
-        # what follows it, and they were not kept (r = 0: the prompt's last token is fed again)
-        last = shared[r - 1] if r > 0 else int(checked.prompt_ids[i, -1])
-        cache_mask[i, P + r - 1 :] = 0
-        head = [last] + shared[r:]
-        feeds.append((head + y[k:], head + n[k:], len(head)))
-        starts.append(int(checked.prompt_mask[i].sum()) + r - 1)  # position id of the first fed token
-    F = max(len(t) for f in feeds for t in f[:2]) - 1  # the last token of a tail predicts nothing: not fed
-    ids = torch.full((2 * B, F + 1), pad, dtype=torch.long)
-    mask = torch.zeros((2 * B, F + 1), dtype=torch.long)
-    scored = torch.zeros((2 * B, F + 1), dtype=torch.bool)  # tokens whose log-prob is summed: the tails
-    for i, (y, n, h) in enumerate(feeds):
-        for row, seq in ((i, y), (B + i, n)):
-            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-            scored[row, h : len(seq)] = True
-    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-    both = torch.arange(2 * B, device=device) % B
-    cache = checked.cache
-    cache.reorder_cache(both)
-    full = torch.cat([cache_mask.index_select(0, both), mask[:, :F]], dim=1)
-    start = torch.tensor(starts, device=device).index_select(0, both)
-    positions = start[:, None] + torch.arange(F, device=device)[None, :]
-    logits = model(input_ids=ids[:, :F], attention_mask=full, position_ids=positions, cache=cache,
-                   use_cache=True).logits
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    seq = (logp * scored[:, 1:]).sum(-1)
-    keys = int(2 * B * F * C + 2 * B * F * (F + 1) // 2)
-    return torch.sigmoid(seq[:B] - seq[B:]), (2 * B, F, keys)
+        k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
+        shared, have = y[:k], held[row][P - lengths[row] :]  # what both verdicts read; the row's real cached tokens
+        r = next(j for j in range(min(k, len(have)) + 1) if j == min(k, len(have)) or shared[j] != have[j])
+        # keep the first r - 1 cached tokens and feed again from the r-th: the logits of the last kept token predict
+        # what follows it, and they were not kept
+        keep = max(r - 1, 0)
+        cache_mask[i, P - lengths[row] + keep :] = 0
+        bodies.append(shared[keep:])
+        tails.append((y[k:], n[k:]))
+    # the rest of each row's shared tokens, left-padded after the cache (the pads masked), logits at the last only
+    body, body_mask = left_pad(bodies, pad)
+    body, body_mask = body.to(device), body_mask.to(device)
+    cache = sampled.cache
+    cache.reorder_cache(torch.tensor(rows, device=device))
+    mask = torch.cat([cache_mask, body_mask], dim=1)
+    out = model(input_ids=body, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, C:].clamp(min=0),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    Lb = body.shape[1]
+    passes = [(B * Lb, B * (Lb * C + Lb * (Lb + 1) // 2), B)]
+    p, tail_pass = _verdicts(model, out, mask, tails, pad)
+    return p, passes + tail_pass

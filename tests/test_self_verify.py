@@ -118,12 +118,12 @@ def test_sampled_checks_average_p_yes_over_the_k_checks(nano):
     rows = [q for q in prompts for _ in range(4)]
     meter = Meter(FlopModel.of(model))
     cfg = EvalConfig(verify_samples=4, verify_max_new_tokens=12)
-    texts, probs = _check(model, tok, prompts, None, cfg, meter, True, torch.Generator().manual_seed(5))
+    texts, probs = _check(model, tok, prompts, cfg, meter, torch.Generator().manual_seed(5))
     drawn = sample(model, tok, rows, 12, 1.0, generator=torch.Generator().manual_seed(5))
     assert len(set(drawn.texts)) > len(prompts)  # sampled checks, not one greedy check repeated
     want = _p_yes_teacher_forced(model, tok, rows, [split_trace(t) for t in drawn.texts]).view(-1, 4).mean(1)
     assert texts == drawn.texts[::4] and torch.allclose(torch.tensor(probs), want, atol=1e-4)
-    texts1, probs1 = _check(model, tok, prompts, None, EvalConfig(verify_max_new_tokens=12), meter, True, None)
+    texts1, probs1 = _check(model, tok, prompts, EvalConfig(verify_max_new_tokens=12), meter, None)
     greedy = sample(model, tok, prompts, 12, greedy=True)
     assert texts1 == greedy.texts
     assert torch.allclose(torch.tensor(probs1), _p_yes_teacher_forced(
@@ -171,7 +171,7 @@ def test_p_yes_from_the_shared_prefix_equals_teacher_forcing_both_verdicts(which
 def test_p_yes_continuing_the_checks_cache_equals_the_definition(which, nano, request):
     """Evaluation reads P(yes) by continuing the KV cache of the greedy check it just wrote: the values of p_yes (the
     prompt and check run again) within 1e-4, for checks that end in a verdict, run out of tokens or are empty."""
-    from rlscale.rl.self_verify import p_yes_after_check
+    from rlscale.rl.self_verify import p_yes_from_cache
 
     if which == "nano":
         model, tok = nano
@@ -186,7 +186,48 @@ def test_p_yes_continuing_the_checks_cache_equals_the_definition(which, nano, re
     for max_new in (1, 3, 12):  # a one-token check, short ones cut off, longer ones
         checked = sample(model, tok, prompts, max_new, greedy=True, keep_cache=True)
         traces = [split_trace(t) for t in checked.texts]
-        fused, (rows, fed, keys) = p_yes_after_check(model, tok, checked, traces)
+        fused, passes = p_yes_from_cache(model, tok, checked, prompts, traces)
         plain, _ = p_yes(model, tok, prompts, traces)
         assert torch.allclose(fused, plain, atol=1e-4), (max_new, fused, plain)
-        assert rows == 2 * len(prompts) and fed >= 1 and keys > 0
+        assert passes[0][0] >= len(prompts) and all(keys > 0 for _, keys, _ in passes)
+
+
+def test_eval_answers_greedy_and_sampled_in_one_batch_as_they_would_be_apart(nano):
+    """evaluate() generates each problem's greedy answer and its samples in one batch (one prefill a prompt): the
+    greedy answers are those of a greedy batch alone and the samples those of a sampled batch alone, same generator
+    seed: the same draws, the same statistics."""
+    model, tok = nano
+    task = make_task(ArithmeticParams(digits=2))
+    problems = task.problems(12, "eval", seed=3)
+    cfg = EvalConfig(problems=12, samples=4, max_new_tokens=5, verify_max_new_tokens=8)
+    model.eval()
+    metrics, table = evaluate(model, tok, task, problems, cfg, Meter(FlopModel.of(model)),
+                              torch.Generator().manual_seed(7))
+    greedy = sample(model, tok, [p.prompt for p in problems], 5, greedy=True).texts
+    sampled = sample(model, tok, [p.prompt for p in problems for _ in range(4)], 5, 1.0,
+                     generator=torch.Generator().manual_seed(7)).texts
+    assert [row["answer"] for row in table] == sampled
+    assert metrics["eval/accuracy"] == sum(task.is_correct(p, c) for p, c in zip(problems, greedy)) / 12
+    assert len(set(sampled)) > 12  # the samples differ: the draws were compared, not a greedy copy
+
+
+def test_chat_verdict_read_from_the_answers_own_cache_equals_the_definition(smollm2_dir):
+    """With `task.check = "verdict"` the verdict prompt repeats the problem's prompt and the model's reply, so
+    evaluation reads P(yes) by continuing the KV cache of the batch that wrote the answers: p_yes's values within
+    1e-4, feeding the question and verdict but not the prompt and reply again."""
+    from rlscale.rl.self_verify import p_yes_from_cache
+
+    model, tok = load_model(ModelConfig(path=str(smollm2_dir)))
+    task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat", check="verdict")), tok)
+    problems = task.problems(3, "eval", seed=1)
+    model.eval()
+    b = sample(model, tok, [p.prompt for p in problems for _ in range(3)], 12, 1.0,
+               greedy=torch.arange(9) % 3 == 0, generator=torch.Generator().manual_seed(0), keep_cache=True)
+    rows = [j for j in range(9) if j % 3]
+    prompts = [verify_prompt(task, problems[j // 3], b.texts[j]) for j in rows]
+    fast, passes = p_yes_from_cache(model, tok, b, prompts, [""] * len(rows), rows)
+    plain, _ = p_yes(model, tok, prompts, [""] * len(rows))
+    assert torch.allclose(fast, plain, atol=1e-4), (fast, plain)
+    shortest = min(len(tok(v, add_special_tokens=False)["input_ids"]) for v in prompts)
+    fed = passes[0][0] // len(rows)  # the rest of the verdict prompt, the longest of the rows, once a row
+    assert fed < shortest - b.prompt_ids.shape[1]  # neither the prompt nor the reply ran again
