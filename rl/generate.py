@@ -143,7 +143,8 @@ def sample(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = prompt_ids.shape
-    greedy = greedy if isinstance(greedy, bool) else greedy.to(device)
+    if not isinstance(greedy, bool):
+        greedy, drawn = greedy.to(device), ~greedy.to(device)  # the rows that take the argmax; the rows drawn
     if dedupe:
         cache, logits = _prefill_distinct(model, prompt_ids, prompt_mask)
         logits = logits[:, -1, :]
@@ -160,7 +161,7 @@ def sample(
             nxt = logits.argmax(-1) if greedy else draw(logits, temperature, generator)
         else:
             nxt = logits.argmax(-1)
-            nxt[~greedy] = draw(logits[~greedy], temperature, generator)
+            nxt[drawn] = draw(logits[drawn], temperature, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, t] = nxt
         done |= nxt == eos

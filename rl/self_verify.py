@@ -96,6 +96,28 @@ def sft_examples(
     return out
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the start two token lists share."""
+    return next((j for j, (x, z) in enumerate(zip(a, b)) if x != z), min(len(a), len(b)))
+
+
+def _teacher_forced(tokenizer: PreTrainedTokenizerBase, prompts: list[str], traces: list[str]
+                    ) -> list[tuple[list[int], list[int], list[int]]]:
+    """Each prompt followed by "{trace} yes" + eos and by "{trace} no" + eos, as tokens: the start both read (bos,
+    prompt, check) and the two tails where they differ, each at least one token long (the tokens scored)."""
+    eos = tokenizer.eos_token_id
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
+    no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, y, n in zip(prompt_ids, yes_ids, no_ids):
+        y, n = bos + p + y + [eos], bos + p + n + [eos]
+        k = min(_common(y, n), len(y) - 1, len(n) - 1)
+        out.append((y[:k], y[k:], n[k:]))
+    return out
+
+
 def _verdicts(model, out, mask: torch.Tensor, tails: list[tuple[list[int], list[int]]], pad: int
               ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """P(yes) after a pass over each row's shared tokens (`out`: its KV cache and the logits of its last token;
@@ -139,18 +161,10 @@ def p_yes(
     problem reads the problem once; a head that does not tokenise as the start of its prompt turns this off. Returns
     P(yes) and the passes run, (tokens, keys attended, logits) each, for `FlopModel.forward`."""
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
-    no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
-    prefixes, tails = [], []
-    for p, y, n in zip(prompt_ids, yes_ids, no_ids):
-        y, n = y + [eos], n + [eos]
-        k = next(i for i in range(min(len(y), len(n)) + 1) if i == min(len(y), len(n)) or y[i] != n[i])
-        k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
-        prefixes.append(bos + p + y[:k])
-        tails.append((y[k:], n[k:]))
+    forced = _teacher_forced(tokenizer, prompts, traces)
+    prefixes, tails = [f[0] for f in forced], [f[1:] for f in forced]
     B = len(prefixes)
     head_rows = [bos + h for h in tokenizer(heads, add_special_tokens=False)["input_ids"]] if heads else []
     if not all(0 < len(h) < len(row) and row[: len(h)] == h for h, row in zip(head_rows, prefixes)):
@@ -193,32 +207,24 @@ def p_yes_from_cache(
     prompt repeats. The same values as `p_yes` up to float rounding. Returns P(yes) and the passes run, (tokens,
     keys attended, logits) each, for `FlopModel.forward`."""
     device = sampled.prompt_ids.device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id
     rows = list(range(len(prompts))) if rows is None else rows
     B, (_, P) = len(rows), sampled.prompt_ids.shape
     fed_gen = sampled.completion_ids.shape[1] - 1  # the last sampled token was never fed: the cache stops before it
     C = P + fed_gen
     lengths = sampled.prompt_mask.sum(1).tolist()
     held = torch.cat([sampled.prompt_ids, sampled.completion_ids[:, :fed_gen]], 1).tolist()  # the cached tokens
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    yes_ids = tokenizer([f"{t} {YES}" for t in traces], add_special_tokens=False)["input_ids"]
-    no_ids = tokenizer([f"{t} {NO}" for t in traces], add_special_tokens=False)["input_ids"]
     cache_mask = torch.cat([sampled.prompt_mask, torch.ones((len(held), fed_gen), dtype=torch.long, device=device)], 1)
     cache_mask = cache_mask[rows]
     bodies, tails = [], []
-    for i, (row, p, y, n) in enumerate(zip(rows, prompt_ids, yes_ids, no_ids)):
-        y, n = bos + p + y + [eos], bos + p + n + [eos]
-        k = next(j for j in range(min(len(y), len(n)) + 1) if j == min(len(y), len(n)) or y[j] != n[j])
-        k = min(k, len(y) - 1, len(n) - 1)  # each verdict keeps at least one token to score
-        shared, have = y[:k], held[row][P - lengths[row] :]  # what both verdicts read; the row's real cached tokens
-        r = next(j for j in range(min(k, len(have)) + 1) if j == min(k, len(have)) or shared[j] != have[j])
+    for i, (row, (shared, y, n)) in enumerate(zip(rows, _teacher_forced(tokenizer, prompts, traces))):
+        r = _common(shared, held[row][P - lengths[row] :])  # what both verdicts read vs the row's real cached tokens
         # keep the first r - 1 cached tokens and feed again from the r-th: the logits of the last kept token predict
         # what follows it, and they were not kept
         keep = max(r - 1, 0)
         cache_mask[i, P - lengths[row] + keep :] = 0
         bodies.append(shared[keep:])
-        tails.append((y[k:], n[k:]))
+        tails.append((y, n))
     # the rest of each row's shared tokens, left-padded after the cache (the pads masked), logits at the last only
     body, body_mask = left_pad(bodies, pad)
     body, body_mask = body.to(device), body_mask.to(device)
