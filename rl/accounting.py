@@ -92,11 +92,10 @@ class FlopModel:
 
     def generation(self, batch: Batch) -> float:
         """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt (logits at its last position) plus
-        each cached decode step (one token and its logits per row)."""
-        B, P = batch.prompt_ids.shape
+        each cached decode step (one token and its logits per row still decoding)."""
+        P = batch.prompt_ids.shape[1]
         prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
-        decode_tokens = B * (batch.completion_ids.shape[1] - 1)
-        return self.sequences(prompts, P, logits_per_row=1) + self.forward(decode_tokens, batch.decode_context)
+        return self.sequences(prompts, P, logits_per_row=1) + self.forward(batch.decode_tokens, batch.decode_context)
 
     def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
         """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over

@@ -18,8 +18,10 @@ class Batch:
     completion_ids: torch.Tensor  # (B, T) right-padded, includes the eos token when one was produced
     completion_mask: torch.Tensor  # (B, T) 1 for real completion tokens (eos included)
     texts: list[str]  # decoded completions, special tokens removed
+    decode_tokens: int = 0  # rows fed over the decode steps (rows that ended leave the batch), for FLOPs
     decode_context: int = 0  # sum over decode steps of (batch rows x keys attended), for the attention FLOP term
-    cache: object = None  # the KV cache of prompt + every fed completion token (the last one is not), if kept
+    cache: object = None  # the KV cache of prompt + every fed completion token (the last one is not), if kept;
+    # valid through each row's eos (past it, rows that left the decode batch hold zeros)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -111,13 +113,32 @@ def _logits_sharing_prompts(model, batch: Batch) -> torch.Tensor:
     return logits
 
 
-def draw(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of (B, V) logits from softmax(logits / temperature), by inverse CDF: one uniform a row.
-    torch.multinomial draws an exponential per vocabulary entry instead, 35 ms a token for 32 rows of SmolLM2's 49k
-    (17% of its decoding on a CPU). Summed in float64, so a token keeps its probability to ~1e-16."""
+def draw(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+         u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of (B, V) logits from softmax(logits / temperature), by inverse CDF: one uniform a row
+    (`u`, (B, 1) float64 in [0, 1), drawn here when not given). torch.multinomial draws an exponential per
+    vocabulary entry instead, 35 ms a token for 32 rows of SmolLM2's 49k (17% of its decoding on a CPU). Summed in
+    float64, so a token keeps its probability to ~1e-16."""
     cdf = F.softmax(logits.float() / temperature, dim=-1).double().cumsum_(-1)
-    u = torch.rand((len(cdf), 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    if u is None:
+        u = torch.rand((len(cdf), 1), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+COMPACT = 0.25  # a decode batch drops its finished rows once they are this share of it (0: at once, >1: never)
+
+
+def _restore(cache, active: torch.Tensor, dropped: list[tuple[torch.Tensor, list]], B: int) -> None:
+    """Put the rows that left the decode batch (`dropped`: their rows and each layer's keys and values, shorter
+    than the cache's) back into `cache`, which holds rows `active`: one row per sample again, zeros past a row's
+    end."""
+    rows = torch.cat([active] + [r for r, _ in dropped])
+    order = torch.empty_like(rows).scatter_(0, rows, torch.arange(B, device=rows.device))
+    for i, layer in enumerate(cache.layers):
+        L = layer.keys.shape[-2]
+        grown = [[F.pad(x, (0, 0, 0, L - x.shape[-2])) for x in kv[i]] for _, kv in dropped]
+        layer.keys = torch.cat([layer.keys] + [k for k, _ in grown]).index_select(0, order)
+        layer.values = torch.cat([layer.values] + [v for _, v in grown]).index_select(0, order)
 
 
 @torch.no_grad()
@@ -137,14 +158,17 @@ def sample(
     and its samples in one batch share one prefill; the sampled rows draw as they would alone).
 
     With `dedupe`, each distinct prompt is prefilled once and its KV cache copied to its rows: the same samples
-    for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them. With `keep_cache`, the
-    batch keeps the KV cache for a continuation (`self_verify.p_yes_from_cache`)."""
+    for fewer FLOPs (a group of G pays one prefill), as `FlopModel.generation` counts them. Rows that have ended
+    leave the decode batch (once they are `COMPACT` of it); every sampled row draws its uniform at every step, so
+    the draws do not depend on when other rows end. With `keep_cache`, the batch keeps the KV cache, valid through
+    each row's eos, for a continuation (`self_verify.p_yes_from_cache`)."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, P = prompt_ids.shape
-    if not isinstance(greedy, bool):
-        greedy, drawn = greedy.to(device), ~greedy.to(device)  # the rows that take the argmax; the rows drawn
+    drawn = ~greedy.to(device) if isinstance(greedy, torch.Tensor) else torch.full((B,), not greedy, device=device)
+    slot = drawn.cumsum(0) - 1  # a sampled row's uniform among the step's draws
+    n_drawn = int(drawn.sum())
     if dedupe:
         cache, logits = _prefill_distinct(model, prompt_ids, prompt_mask)
         logits = logits[:, -1, :]
@@ -155,23 +179,39 @@ def sample(
     mask, pos = prompt_mask, _positions(prompt_mask)[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    decode_context = 0
+    active = torch.arange(B, device=device)  # the rows in the decode batch (and the cache), in its order
+    dropped = []  # rows that left it, with their KV cache (kept only for keep_cache)
+    decode_tokens = decode_context = 0
     for t in range(max_new_tokens):
-        if isinstance(greedy, bool):
-            nxt = logits.argmax(-1) if greedy else draw(logits, temperature, generator)
+        u = torch.rand((n_drawn, 1), generator=generator, dtype=torch.float64, device=device) if n_drawn else None
+        sel = drawn[active]
+        if bool(sel.all()):
+            nxt = draw(logits, temperature, u=u[slot[active]])
+        elif not bool(sel.any()):
+            nxt = logits.argmax(-1)
         else:
             nxt = logits.argmax(-1)
-            nxt[drawn] = draw(logits[drawn], temperature, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens[:, t] = nxt
-        done |= nxt == eos
+            nxt[sel] = draw(logits[sel], temperature, u=u[slot[active[sel]]])
+        ended = done[active]  # rows whose eos is already in the cache
+        nxt = torch.where(ended, torch.full_like(nxt, pad), nxt)
+        tokens[active, t] = nxt
+        done[active] |= nxt == eos
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        if int(ended.sum()) >= max(1, COMPACT * len(active)):  # drop them from the decode batch
+            if keep_cache:
+                dropped.append((active[ended], [(layer.keys[ended], layer.values[ended]) for layer in cache.layers]))
+            keep = ~ended
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+            active, mask, pos, nxt = active[keep], mask[keep], pos[keep], nxt[keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1, :]
-        decode_context += B * mask.shape[1]
+        decode_tokens += len(active)
+        decode_context += len(active) * mask.shape[1]
+    if keep_cache and dropped:
+        _restore(cache, active, dropped, B)
     T = t + 1
     tokens = tokens[:, :T]
     # real tokens: everything up to and including the first eos
@@ -179,7 +219,8 @@ def sample(
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
     completion_mask = (~after_eos).long()
     texts = tokenizer.batch_decode(tokens.masked_fill(~completion_mask.bool(), pad), skip_special_tokens=True)
-    return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_context, cache if keep_cache else None)
+    return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_tokens, decode_context,
+                 cache if keep_cache else None)
 
 
 def completion_logprobs(

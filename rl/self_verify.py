@@ -213,6 +213,7 @@ def p_yes_from_cache(
     fed_gen = sampled.completion_ids.shape[1] - 1  # the last sampled token was never fed: the cache stops before it
     C = P + fed_gen
     lengths = sampled.prompt_mask.sum(1).tolist()
+    valid = (sampled.prompt_mask.sum(1) + sampled.completion_mask.sum(1)).tolist()  # a row's cache: through its eos
     held = torch.cat([sampled.prompt_ids, sampled.completion_ids[:, :fed_gen]], 1).tolist()  # the cached tokens
     cache_mask = torch.cat([sampled.prompt_mask, torch.ones((len(held), fed_gen), dtype=torch.long, device=device)], 1)
     cache_mask = cache_mask[rows]
@@ -220,8 +221,8 @@ def p_yes_from_cache(
     for i, (row, (shared, y, n)) in enumerate(zip(rows, _teacher_forced(tokenizer, prompts, traces))):
         r = _common(shared, held[row][P - lengths[row] :])  # what both verdicts read vs the row's real cached tokens
         # keep the first r - 1 cached tokens and feed again from the r-th: the logits of the last kept token predict
-        # what follows it, and they were not kept
-        keep = max(r - 1, 0)
+        # what follows it, and they were not kept (never past the row's eos: rows that ended early hold zeros there)
+        keep = min(max(r - 1, 0), valid[row])
         cache_mask[i, P - lengths[row] + keep :] = 0
         bodies.append(shared[keep:])
         tails.append((y, n))

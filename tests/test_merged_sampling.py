@@ -114,3 +114,42 @@ def test_grpo_samples_from_the_synced_copy_and_counts_what_ran():
     saved = sum(runs[False][1].flops.values()) - sum(meter.flops.values())
     assert saved > 0 and saved == pytest.approx(runs[False][2] - counted, rel=0.01)
     assert sum(meter.flops.values()) == pytest.approx(counted, rel=0.05)
+
+
+def test_rows_that_end_leave_the_decode_batch_with_the_same_samples_cache_and_counted_flops(smollm2_dir, monkeypatch):
+    """sample() drops rows that ended from its decode batch: the same answers as when every row decodes to the end
+    (greedy and sampled rows of one batch, fixed generator), fewer rows fed, the FLOPs it counts within 5% of
+    torch's FlopCounter, and a KV cache that still gives each answer's verdict P(yes) as the definition does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlscale.rl import generate
+    from rlscale.rl.chat import for_model
+    from rlscale.rl.self_verify import p_yes, p_yes_from_cache, verify_prompt
+
+    model, tok = load_model(ModelConfig(path=str(smollm2_dir)))
+    model.eval()
+    task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat", check="verdict")), tok)
+    problems = task.problems(4, "eval", seed=2)
+    prompts = [p.prompt for p in problems for _ in range(3)]
+    mixed = torch.arange(12) % 3 == 0  # each problem's greedy answer, then two samples
+
+    def run(compact: float, greedy: bool | torch.Tensor = mixed):
+        monkeypatch.setattr(generate, "COMPACT", compact)
+        return generate.sample(model, tok, prompts, 40, 1.0, greedy=greedy,
+                               generator=torch.Generator().manual_seed(0), keep_cache=True)
+
+    assert run(0.0, False).texts == run(2.0, False).texts  # every row sampled (a rollout)
+    full, dropped = run(2.0), run(0.0)  # never / as soon as a row's eos is in the cache
+    assert dropped.texts == full.texts and torch.equal(dropped.completion_ids, full.completion_ids)
+    lengths = full.completion_mask.sum(1)
+    assert lengths.min() < lengths.max() - 2  # rows ended at different steps: the drop was exercised
+    assert dropped.decode_tokens < full.decode_tokens == 12 * (full.completion_ids.shape[1] - 1)
+    fm = FlopModel.of(model)
+    with FlopCounterMode(display=False) as fc:
+        run(0.0)
+    assert fc.get_total_flops() == pytest.approx(fm.generation(dropped), rel=0.05)
+    rows = [j for j in range(12) if j % 3]
+    verdicts = [verify_prompt(task, problems[j // 3], dropped.texts[j]) for j in rows]
+    fast, _ = p_yes_from_cache(model, tok, dropped, verdicts, [""] * len(rows), rows)
+    plain, _ = p_yes(model, tok, verdicts, [""] * len(rows))
+    assert torch.allclose(fast, plain, atol=1e-4), (fast, plain)
