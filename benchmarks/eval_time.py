@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     model, tok = load_model(ModelConfig(path=args.model_dir, dtype=cfg.model.dtype), seed=cfg.seed)
-    model.eval()
+    model.eval().requires_grad_(False)  # frozen, as the pipeline's sampling copy (model.lora.merged_sampling) is
     task = for_model(make_task(cfg.task), tok)
     problems = task.problems(cfg.eval.problems, "eval", seed=cfg.eval.seed)
     meter = Meter(FlopModel.of(model))

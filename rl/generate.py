@@ -70,6 +70,15 @@ def encode_completions(
     return ids.to(device), mask.to(device)
 
 
+def keep_last(n: int) -> torch.Tensor:
+    """`logits_to_keep` for the last n positions, as indices: the model then takes its hidden states with an index,
+    which copies them into one contiguous block, where a slice leaves them strided; a strided (B, n, d) input to a
+    frozen LM head (LoRA, a sampling copy) does not fold into one matrix product in torch's matmul but runs as a
+    batched one that copies the head's weight once per row: 9.6 GB for 85 SmolLM2 prompts (0.29 s against 0.02 s
+    in fp32, half a bf16 evaluation's time)."""
+    return torch.arange(-n, 0)
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -89,11 +98,11 @@ def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     rep, row_of = distinct_rows(prompt_ids, prompt_mask)
     if len(rep) == len(row_of):  # nothing shared (an eval batch): run the rows as they are
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=keep_last(1))
         return out.cache, out.logits[:, -1:, :]
     mask = prompt_mask[rep]
     out = model(input_ids=prompt_ids[rep], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=keep_last(1))
     out.cache.reorder_cache(row_of)
     return out.cache, out.logits[:, -1:, :].index_select(0, row_of)
 
@@ -174,7 +183,7 @@ def sample(
         logits = logits[:, -1, :]
     else:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=keep_last(1))
         cache, logits = out.cache, out.logits[:, -1, :]
     mask, pos = prompt_mask, _positions(prompt_mask)[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -246,7 +255,8 @@ def completion_logprobs(
         logits = _logits_sharing_prompts(model, batch).float() / temperature
     else:
         ids, mask = batch.input_ids, batch.attention_mask
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=T + 1).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                       logits_to_keep=keep_last(T + 1)).logits
         logits = logits[:, :-1, :].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, batch.completion_ids[..., None]).squeeze(-1)

@@ -12,7 +12,7 @@ import random
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlscale.rl.generate import Batch, left_pad
+from rlscale.rl.generate import Batch, keep_last, left_pad
 from rlscale.rl.tasks import Problem, Task
 
 YES, NO = "yes", "no"
@@ -174,21 +174,21 @@ def p_yes(
         distinct = {h: i for i, h in enumerate(dict.fromkeys(map(tuple, head_rows)))}  # head -> its index
         h_ids, h_mask = left_pad([list(h) for h in distinct], pad)
         row_of = torch.tensor([distinct[tuple(h)] for h in head_rows], device=device)
-        out = model(input_ids=h_ids.to(device), attention_mask=h_mask.to(device),
-                    position_ids=(h_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=h_ids.to(device), attention_mask=h_mask.to(device), use_cache=True,
+                    position_ids=(h_mask.cumsum(-1) - 1).clamp(min=0).to(device), logits_to_keep=keep_last(1))
         cache = out.cache
         cache.reorder_cache(row_of)
         ids, body_mask = left_pad([row[len(h) :] for h, row in zip(head_rows, prefixes)], pad)
         H, Lh, Lb = len(distinct), h_ids.shape[1], ids.shape[1]
         mask = torch.cat([h_mask.to(device).index_select(0, row_of), body_mask.to(device)], dim=1)
         out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, Lh:],
-                    cache=cache, use_cache=True, logits_to_keep=1)
+                    cache=cache, use_cache=True, logits_to_keep=keep_last(1))
         passes += [(H * Lh, H * Lh * Lh, H), (B * Lb, B * (Lb * Lh + Lb * (Lb + 1) // 2), B)]
     else:
         ids, mask = left_pad(prefixes, pad)
         ids, mask = ids.to(device), mask.to(device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=keep_last(1))
         passes.append((B * ids.shape[1], B * ids.shape[1] ** 2, B))
     p, tail_pass = _verdicts(model, out, mask, tails, pad)
     return p, passes + tail_pass
@@ -233,7 +233,7 @@ def p_yes_from_cache(
     cache.reorder_cache(torch.tensor(rows, device=device))
     mask = torch.cat([cache_mask, body_mask], dim=1)
     out = model(input_ids=body, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, C:].clamp(min=0),
-                cache=cache, use_cache=True, logits_to_keep=1)
+                cache=cache, use_cache=True, logits_to_keep=keep_last(1))
     Lb = body.shape[1]
     passes = [(B * Lb, B * (Lb * C + Lb * (Lb + 1) // 2), B)]
     p, tail_pass = _verdicts(model, out, mask, tails, pad)

@@ -153,3 +153,26 @@ def test_rows_that_end_leave_the_decode_batch_with_the_same_samples_cache_and_co
     fast, _ = p_yes_from_cache(model, tok, dropped, verdicts, [""] * len(rows), rows)
     plain, _ = p_yes(model, tok, verdicts, [""] * len(rows))
     assert torch.allclose(fast, plain, atol=1e-4), (fast, plain)
+
+
+def test_a_frozen_lm_head_gets_its_rows_as_one_contiguous_block(nano):
+    """Where only the last positions' logits are kept, the LM head sees a contiguous block: a strided one with a
+    frozen head (LoRA, the sampling copy) runs as a batched product copying the head once per row (3.3x slower
+    bf16 evaluation, benchmarks/results/eval_time.json keep_last_*)."""
+    from rlscale.rl.generate import completion_logprobs, sample
+    from rlscale.rl.self_verify import p_yes
+
+    model, tok = nano
+    model.eval().requires_grad_(False)
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    try:
+        task = make_task(ArithmeticParams(digits=2))
+        prompts = [p.prompt for p in task.problems(4, "eval", seed=0)]
+        batch = sample(model, tok, prompts * 2, 4, generator=torch.Generator().manual_seed(0))
+        completion_logprobs(model, batch)
+        p_yes(model, tok, prompts, ["12= yes"] * 4)
+    finally:
+        hook.remove()
+        model.requires_grad_(True)
+    assert len(seen) > 4 and all(seen)
