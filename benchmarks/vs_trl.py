@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,10 @@ def greedy_accuracy(model_dir: str) -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory (Linux VmHWM, MB): getrusage's ru_maxrss survives exec, so a worker
+    spawned by a large parent would report the parent's size at the fork."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def _now() -> tuple[float, float]:

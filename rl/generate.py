@@ -208,10 +208,13 @@ def sample(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         if int(ended.sum()) >= max(1, COMPACT * len(active)):  # drop them from the decode batch
+            keep, kv = ~ended, []
+            for layer in cache.layers:  # a layer at a time: the memory of one layer's copy at most
+                if keep_cache:
+                    kv.append((layer.keys[ended], layer.values[ended]))
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
             if keep_cache:
-                dropped.append((active[ended], [(layer.keys[ended], layer.values[ended]) for layer in cache.layers]))
-            keep = ~ended
-            cache.batch_select_indices(keep.nonzero().squeeze(1))
+                dropped.append((active[ended], kv))
             active, mask, pos, nxt = active[keep], mask[keep], pos[keep], nxt[keep]
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos + 1
