@@ -12,7 +12,7 @@ reward (`task.reward`), no self-verification on the rlscale side (TRL has none).
 in the per-pair ratio.
 
 Measured: seconds per step after warm-up steps (wall time between consecutive step ends, generation + reward +
-loss + backward + optimizer), completions per second, peak RSS (ru_maxrss of the worker), and held-out greedy
+loss + backward + optimizer), completions per second, peak RSS (VmHWM of the worker), and held-out greedy
 accuracy on 500 eval-split problems after the same number of steps (same completions), evaluated by the same code
 for both. Writes benchmarks/results/vs_trl.json and prints a table.
 """
