@@ -178,6 +178,7 @@ def sample(
     drawn = ~greedy.to(device) if isinstance(greedy, torch.Tensor) else torch.full((B,), not greedy, device=device)
     slot = drawn.cumsum(0) - 1  # a sampled row's uniform among the step's draws
     n_drawn = int(drawn.sum())
+    mixed = 0 < n_drawn < B  # else every row draws, or none does, whichever rows are left
     if dedupe:
         cache, logits = _prefill_distinct(model, prompt_ids, prompt_mask)
         logits = logits[:, -1, :]
@@ -193,14 +194,12 @@ def sample(
     decode_tokens = decode_context = 0
     for t in range(max_new_tokens):
         u = torch.rand((n_drawn, 1), generator=generator, dtype=torch.float64, device=device) if n_drawn else None
-        sel = drawn[active]
-        if bool(sel.all()):
-            nxt = draw(logits, temperature, u=u[slot[active]])
-        elif not bool(sel.any()):
-            nxt = logits.argmax(-1)
-        else:
+        if mixed:
+            sel = drawn[active]
             nxt = logits.argmax(-1)
             nxt[sel] = draw(logits[sel], temperature, u=u[slot[active[sel]]])
+        else:
+            nxt = draw(logits, temperature, u=u[slot[active]]) if n_drawn else logits.argmax(-1)
         ended = done[active]  # rows whose eos is already in the cache
         nxt = torch.where(ended, torch.full_like(nxt, pad), nxt)
         tokens[active, t] = nxt
