@@ -91,11 +91,16 @@ class FlopModel:
         return self.forward(rows * length, rows * length * length, rows * keep, train)
 
     def generation(self, batch: Batch) -> float:
-        """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt (logits at its last position) plus
-        each cached decode step (one token and its logits per row still decoding)."""
-        P = batch.prompt_ids.shape[1]
+        """FLOPs of sampling `batch` (`sample`): one prefill per distinct prompt (logits at its last position), its
+        shared head (`batch.head` tokens) once for all, plus each cached decode step (one token and its logits per
+        row still decoding)."""
+        P, H = batch.prompt_ids.shape[1], batch.head
         prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
-        return self.sequences(prompts, P, logits_per_row=1) + self.forward(batch.decode_tokens, batch.decode_context)
+        if H:  # the head once (one logit), then every prompt's P - H other columns attending to all P
+            prefill = self.forward(H, H * H, 1) + self.forward(prompts * (P - H), prompts * (P - H) * P, prompts)
+        else:
+            prefill = self.sequences(prompts, P, logits_per_row=1)
+        return prefill + self.forward(batch.decode_tokens, batch.decode_context)
 
     def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
         """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over

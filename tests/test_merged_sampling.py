@@ -176,3 +176,72 @@ def test_a_frozen_lm_head_gets_its_rows_as_one_contiguous_block(nano):
         hook.remove()
         model.requires_grad_(True)
     assert len(seen) > 4 and all(seen)
+
+
+def test_a_decode_step_writes_its_token_into_the_cache_in_place():
+    """`_Room` holds what DynamicLayer's torch.cat builds, step by step, through rows dropped from outside and past
+    its room; while it has room, every step writes into the same buffer (no copy of the whole cache)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlscale.rl.generate import _Room
+
+    g = torch.Generator().manual_seed(0)
+    kv = lambda rows, n: (torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g))  # noqa
+    ref = DynamicLayer()
+    ref.update(*kv(6, 5))  # a prefill
+    room = _Room(ref, end=8)
+    ref = DynamicLayer()
+    ref.update(room.keys, room.values)
+    buffers = []
+    for step in range(6):
+        if step == 1:  # rows leave, as sample() drops them
+            keep = torch.tensor([True, False, True, True, False, True])
+            room.keys, room.values = room.keys[keep], room.values[keep]
+            ref.keys, ref.values = ref.keys[keep], ref.values[keep]
+        new = kv(len(ref.keys), 1)
+        got, want = room.update(*new), ref.update(*new)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        buffers.append(room.room[0])
+    # lengths 6 to 11, room for 8: a new buffer after the drop, that one to the room's end, then one a step
+    assert buffers[1] is not buffers[0] and buffers[1] is buffers[2]
+    assert buffers[3] is not buffers[2] and buffers[4] is not buffers[3]
+    assert room.keys.shape[-2] == 11 and room.keys._base is buffers[-1]
+
+
+def test_a_shared_chat_head_is_prefilled_once_into_the_plain_prefills_cache(smollm2_dir, monkeypatch):
+    """Chat prompts share their template's head (bos, system turn): it runs once, the rest of each prompt continues
+    it, and the KV cache is laid out as a plain prefill's. The same cache and next-token logits up to float rounding
+    (the head's GEMM has one row, not one per prompt), the same answers here, and the FLOPs `FlopModel.generation`
+    counts within 2% of torch's FlopCounter, less than the plain prefill's by the head run only once."""
+    from rlscale.rl import generate
+    from rlscale.rl.chat import for_model
+
+    model, tok = load_model(ModelConfig(path=str(smollm2_dir)))
+    model.eval()
+    task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat")), tok)
+    prompts = [p.prompt for p in task.problems(5, "eval", seed=3) for _ in range(3)]
+    ids, mask = generate.encode_prompts(tok, prompts, torch.device("cpu"))
+    shared = generate._prefill_distinct(model, ids, mask, share_head=True)
+    monkeypatch.setattr(generate, "SHARED_HEAD", 10**6)
+    plain = generate._prefill_distinct(model, ids, mask, share_head=True)
+    assert shared[2] >= 8 and plain[2] == 0
+    assert torch.allclose(shared[1], plain[1], atol=1e-3)
+    real = mask.bool()[:, None, :, None]  # pad columns hold what nobody attends to
+    for a, b in zip(shared[0].layers, plain[0].layers):
+        assert torch.allclose(a.keys * real, b.keys * real, atol=1e-4)
+        assert torch.allclose(a.values * real, b.values * real, atol=1e-4)
+
+    def run(head: int, new_tokens: int):
+        monkeypatch.setattr(generate, "SHARED_HEAD", head)
+        fm = FlopModel.of(model)
+        with FlopCounterMode(display=False) as fc:
+            b = generate.sample(model, tok, prompts, new_tokens, 1.0, greedy=torch.arange(15) % 3 == 0,
+                                generator=torch.Generator().manual_seed(0))
+        return b, fc.get_total_flops(), fm.generation(b)
+
+    (b1, ran1, counted1), (_, ran2, counted2) = run(8, 1), run(10**6, 1)  # one new token: the prefill alone
+    assert b1.head == shared[2]
+    assert ran1 == pytest.approx(counted1, rel=0.02) and ran2 == pytest.approx(counted2, rel=0.02)
+    distinct = len(set(prompts))
+    assert counted2 - counted1 == pytest.approx((distinct - 1) * FlopModel.of(model).forward(b1.head, 0, 0), rel=0.1)
+    assert run(8, 16)[0].texts == run(10**6, 16)[0].texts
