@@ -102,7 +102,7 @@ class FlopModel:
             prefill = self.sequences(prompts, P, logits_per_row=1)
         return prefill + self.forward(batch.decode_tokens, batch.decode_context)
 
-    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
+    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False, prompts_ran: bool = False) -> float:
         """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over
         prompt + completion with logits at the last T + 1 positions; deduplicated, one prefill per distinct prompt
         (one logit) and the completion tokens but the last of each distinct row, each attending to its prompt and
@@ -114,7 +114,10 @@ class FlopModel:
         prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
         rows = len(distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)[0])
         keys = rows * ((T - 1) * P + (T - 1) * T // 2)  # token t of the completion attends to P + t keys
-        return self.sequences(prompts, P, train, logits_per_row=1) + self.forward(rows * (T - 1), keys, train=train)
+        prefill = self.sequences(prompts, P, train, logits_per_row=1)
+        if prompts_ran:  # the prompts' forward ran in sampling (`Batch.prompt_pass`): their backward only
+            prefill -= self.sequences(prompts, P, logits_per_row=1)
+        return prefill + self.forward(rows * (T - 1), keys, train=train)
 
 
 def cpu_devices(threads: int | None = None, share: float | None = None, cgroup: str = "/sys/fs/cgroup") -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ class Batch:
     cache: object = None  # the KV cache of prompt + every fed completion token (the last one is not), if kept;
     # valid through each row's eos (past it, rows that left the decode batch hold zeros)
     head: int = 0  # tokens every prompt starts with, prefilled once for all (0: none)
+    prompt_pass: tuple | None = None  # `sample(grad_prompts=True)`: the distinct prompts' KV cache and next-token
+    # logits with their autograd graph, and each row's distinct prompt (None: row i's is i), for `completion_logprobs`
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -131,10 +135,10 @@ def _prefill_head(model, ids: torch.Tensor, mask: torch.Tensor, head: int):
 
 
 def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, share_head: bool = False):
-    """Run each distinct prompt once and fan its KV cache out to every row that shares it (a group of G samples
-    shares one prompt). With `share_head`, a head every distinct prompt starts with runs once too (`_prefill_head`).
-    Returns the cache, now one entry per row, the logits of the token after each prompt, (B, 1, V), and the head's
-    length (0: none). The fan-out is an index_select: gradients of the copies sum into the one prompt pass."""
+    """Run each distinct prompt once (a group of G samples shares one prompt); with `share_head`, a head every
+    distinct prompt starts with runs once too (`_prefill_head`). Returns their KV cache and the logits of the token
+    after each, (D, 1, V), the head's length (0: none) and each row's distinct prompt (None: the rows are distinct,
+    run as they are), for `_fan_out`."""
     rep, row_of = distinct_rows(prompt_ids, prompt_mask)
     fan_out = len(rep) < len(row_of)  # else nothing repeats (an eval batch): the rows run as they are
     ids, mask = (prompt_ids[rep], prompt_mask[rep]) if fan_out else (prompt_ids, prompt_mask)
@@ -145,19 +149,39 @@ def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
                     logits_to_keep=keep_last(1))
         cache, logits = out.cache, out.logits[:, -1:, :]
-    if fan_out:
-        cache.reorder_cache(row_of)
-        logits = logits.index_select(0, row_of)
-    return cache, logits, head
+    return cache, logits, head, row_of if fan_out else None
 
 
-def _logits_sharing_prompts(model, batch: Batch) -> torch.Tensor:
-    """Logits at the completion positions, (B, T, V), with each distinct prompt run once; the last completion token
-    is not fed (it predicts nothing)."""
+def _fan_out(cache, logits: torch.Tensor, row_of: torch.Tensor | None):
+    """The distinct prompts' KV cache (in place) and logits copied to the rows that share them, an index_select:
+    gradients of the copies sum into the one prompt pass."""
+    if row_of is None:
+        return cache, logits
+    cache.reorder_cache(row_of)
+    return cache, logits.index_select(0, row_of)
+
+
+def _detached(cache):
+    """A copy of `cache` whose tensors are its own without their autograd graph."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    return out
+
+
+def _logits_sharing_prompts(model, batch: Batch, prompt_pass: tuple | None = None) -> torch.Tensor:
+    """Logits at the completion positions, (B, T, V), with each distinct prompt run once (or `prompt_pass`, the
+    prompts' cache, logits and each row's prompt, run already); the last completion token is not fed (it predicts
+    nothing)."""
     # under DDP the prompt pass runs on the bare module: its gradients reach the parameters through the one
     # backward of the wrapped completion pass, so each parameter's reduction hook still fires once
     bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    cache, logits, _ = _prefill_distinct(bare, batch.prompt_ids, batch.prompt_mask)
+    if prompt_pass is None:
+        cache, logits, _, row_of = _prefill_distinct(bare, batch.prompt_ids, batch.prompt_mask)
+    else:
+        cache, logits, row_of = prompt_pass
+    cache, logits = _fan_out(cache, logits, row_of)
     if batch.completion_ids.shape[1] > 1:
         mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
         rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask,
@@ -242,6 +266,7 @@ def sample(
     generator: torch.Generator | None = None,
     dedupe: bool = True,
     keep_cache: bool = False,
+    grad_prompts: bool = False,
 ) -> Batch:
     """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos. `greedy`: every row
     takes the most likely token, or none does, or a (B,) bool tensor says which rows do (a problem's greedy answer
@@ -253,7 +278,9 @@ def sample(
     have ended leave the decode batch (once they are `COMPACT` of it); every sampled row draws its uniform at every
     step, so the draws do not depend on when other rows end; each fed token is written into the KV cache in place
     (`_Room`). With `keep_cache`, the batch keeps the KV cache, valid through each row's eos, for a continuation
-    (`self_verify.p_yes_from_cache`)."""
+    (`self_verify.p_yes_from_cache`). With `grad_prompts` (and `dedupe`), the prompts' pass keeps its autograd graph
+    in `Batch.prompt_pass` (no head shared): the policy's prompt pass, which `completion_logprobs` then takes instead of
+    running it again (GRPO with mu = 1 sampling from the trained model); sampling reads detached copies."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
@@ -262,9 +289,14 @@ def sample(
     slot = drawn.cumsum(0) - 1  # a sampled row's uniform among the step's draws
     n_drawn = int(drawn.sum())
     mixed = 0 < n_drawn < B  # else every row draws, or none does, whichever rows are left
-    head = 0
+    head, prompt_pass = 0, None
     if dedupe:
-        cache, logits, head = _prefill_distinct(model, prompt_ids, prompt_mask, share_head=True)
+        with torch.enable_grad() if grad_prompts else nullcontext():
+            cache, logits, head, row_of = _prefill_distinct(model, prompt_ids, prompt_mask, not grad_prompts)
+        if grad_prompts:
+            prompt_pass = cache, logits, row_of
+            cache, logits = _detached(cache), logits.detach()
+        cache, logits = _fan_out(cache, logits, row_of)
         logits = logits[:, -1, :]
     else:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
@@ -317,7 +349,7 @@ def sample(
     completion_mask = (~after_eos).long()
     texts = tokenizer.batch_decode(tokens.masked_fill(~completion_mask.bool(), pad), skip_special_tokens=True)
     return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_tokens, decode_context,
-                 cache if keep_cache else None, head)
+                 cache if keep_cache else None, head, prompt_pass)
 
 
 def completion_logprobs(
@@ -326,6 +358,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     dedupe: bool = False,
+    prompt_pass: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T); optionally the per-token entropy.
 
@@ -333,14 +366,19 @@ def completion_logprobs(
     distinct prompt goes through the model once with its KV cache copied to the completions that follow it, and
     the last completion token, which predicts nothing, is not fed: the same values and gradients (copies sum
     through index_select) for a fraction of the FLOPs (`FlopModel.logprobs(batch, dedupe=True)`). Worth it where
-    rows repeat a prompt (GRPO groups); plain batches of distinct rows (SFT) run faster without."""
+    rows repeat a prompt (GRPO groups); plain batches of distinct rows (SFT) run faster without. `prompt_pass`
+    (with `dedupe`): the batch's own `Batch.prompt_pass` from sampling, used instead of running the prompts again
+    (once: its cache grows in the pass)."""
     T = batch.completion_ids.shape[1]
     row_of = None
     if dedupe:
         rep, row_of = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         batch = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
                       batch.completion_mask[rep], [])
-        logits = _logits_sharing_prompts(model, batch).float() / temperature
+        if prompt_pass is not None:  # the prompt of distinct row k is that of sampled row rep[k]
+            cache, first, rows = prompt_pass
+            prompt_pass = cache, first, rep if rows is None else rows[rep]
+        logits = _logits_sharing_prompts(model, batch, prompt_pass).float() / temperature
     else:
         ids, mask = batch.input_ids, batch.attention_mask
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),

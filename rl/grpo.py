@@ -223,8 +223,9 @@ def train_grpo(
         rows = [p for p in problems for _ in range(G)]
         with meter.phase("rollout"):
             fold = sync_merged(sampler, model) if sampler is not None else 0.0  # W + alpha/r BA, this step's
+            # sampling from the trained model with mu = 1, its prefill with autograd is the policy pass's prompt part
             solve = sample(draw, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
-                           generator=generator)
+                           generator=generator, grad_prompts=sampler is None and cfg.num_iterations == 1)
         meter.add("rollout", fold + fm_draw.generation(solve))
         if cfg.reward == "verifier":
             rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
@@ -311,7 +312,10 @@ def train_grpo(
                 total = torch.zeros((), device=device)
                 for name, b, adv, coef in batches:
                     # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
-                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True)
+                    ran = b.prompt_pass is not None  # the prompts' pass from sampling, used once
+                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True,
+                                                        prompt_pass=b.prompt_pass)
+                    b.prompt_pass = None
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     max_len = cfg.max_new_tokens if name == "solve" else cfg.verify_max_new_tokens
                     loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok[name],
@@ -323,7 +327,7 @@ def train_grpo(
                     metrics[prefix + "clip_frac"] = stats["clip_frac"]
                     metrics[prefix + "kl"] = stats["kl"]
                     metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                    meter.add("policy", fm.logprobs(b, train=True, dedupe=True))
+                    meter.add("policy", fm.logprobs(b, train=True, dedupe=True, prompts_ran=ran))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and check is not None:
                     logp, _ = completion_logprobs(net, check, dedupe=True)

@@ -122,7 +122,8 @@ def _verdicts(model, out, mask: torch.Tensor, tails: list[tuple[list[int], list[
               ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """P(yes) after a pass over each row's shared tokens (`out`: its KV cache and the logits of its last token;
     `mask`: the attention mask so far): the two verdict tails of a row, where "yes" and "no" differ, continue from
-    the one cache and only they are scored. Returns P(yes) and the tail pass, if one ran."""
+    the one cache, one after the other (not a copy of the cache for each), and only they are scored. Returns P(yes)
+    and the tail passes, if they ran."""
     device, B, L = mask.device, len(tails), mask.shape[1]
     T = max(len(t) for pair in tails for t in pair)
     tail_ids = torch.full((2 * B, T), pad, dtype=torch.long)
@@ -131,15 +132,18 @@ def _verdicts(model, out, mask: torch.Tensor, tails: list[tuple[list[int], list[
         for j, t in ((i, y), (B + i, n)):  # yes rows first, then no rows
             tail_ids[j, : len(t)], tail_mask[j, : len(t)] = torch.tensor(t), 1
     tail_ids, tail_mask = tail_ids.to(device), tail_mask.to(device)
-    both = torch.arange(2 * B, device=device) % B
-    cache, logits = out.cache, out.logits[:, -1:, :].index_select(0, both)
+    cache, first = out.cache, out.logits[:, -1:, :]
+    logits = torch.cat([first, first])
     passes = []
-    if T > 1:  # the verdict tails, both from the one cached prefix
-        cache.reorder_cache(both)
-        full = torch.cat([mask.index_select(0, both), tail_mask[:, :-1]], dim=1)
-        rest = model(input_ids=tail_ids[:, :-1], attention_mask=full, position_ids=((full.cumsum(-1) - 1)[:, L:]),
-                     cache=cache, use_cache=True)
-        logits = torch.cat([logits, rest.logits], dim=1)
+    if T > 1:  # the verdict tails from the one cached prefix: the yes tails, the cache cut back to it, the no tails
+        rest = []
+        for half in (slice(0, B), slice(B, 2 * B)):
+            for layer in cache.layers:  # a view: a decode cache (`generate._Room`) then writes in place
+                layer.keys, layer.values = layer.keys[:, :, :L], layer.values[:, :, :L]
+            full = torch.cat([mask, tail_mask[half, :-1]], dim=1)
+            rest.append(model(input_ids=tail_ids[half, :-1], attention_mask=full, cache=cache, use_cache=True,
+                              position_ids=(full.cumsum(-1) - 1)[:, L:]).logits)
+        logits = torch.cat([logits, torch.cat(rest)], dim=1)
         passes.append((2 * B * (T - 1), 2 * B * ((T - 1) * L + (T - 1) * T // 2), 2 * B * (T - 1)))
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail_ids[..., None]).squeeze(-1)
     seq = (logp * tail_mask).sum(-1)

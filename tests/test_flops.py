@@ -64,3 +64,31 @@ def test_p_yes_flops_match_flop_counter(shared):
         _, passes = p_yes(model, tok, prompts, traces, heads)
     assert len(passes) == (3 if shared else 2)
     assert fc.get_total_flops() == pytest.approx(sum(FlopModel.of(model).forward(*x) for x in passes), rel=0.05)
+
+
+def test_the_policy_pass_takes_the_prompts_pass_that_sampling_ran():
+    """GRPO with mu = 1 samples from the model it trains: the prefill, run with its autograd graph, is the prompt part
+    of the policy pass. The same answers, log-probs and gradients as running the prompts again, and the FLOPs
+    counted (the prefill's forward in sampling, its backward in the policy pass) as torch's FlopCounter sees them."""
+    model, tok = load_model(ModelConfig(size="micro"), seed=0)
+    model.config._attn_implementation = "eager"
+    fm = FlopModel.of(model)
+
+    def run(grad_prompts: bool):
+        model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as sampled:
+            batch = sample(model, tok, ["12+34=", "7*8=", "5+5="] * 4, max_new_tokens=6,
+                           generator=torch.Generator().manual_seed(0), grad_prompts=grad_prompts)
+        with FlopCounterMode(display=False) as trained:
+            logp, _ = completion_logprobs(model, batch, dedupe=True, prompt_pass=batch.prompt_pass)
+            (logp * batch.completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return batch, logp.detach(), grads, sampled.get_total_flops(), trained.get_total_flops()
+
+    (b1, logp1, g1, s1, t1), (b2, logp2, g2, s2, t2) = run(True), run(False)
+    assert b1.prompt_pass is not None and b2.prompt_pass is None and b1.texts == b2.texts
+    assert torch.equal(logp1, logp2) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2))
+    assert s1 == s2 == pytest.approx(fm.generation(b1), rel=0.01)
+    assert t1 == pytest.approx(fm.logprobs(b1, train=True, dedupe=True, prompts_ran=True), rel=0.01)
+    ran = fm.logprobs(b1, train=True, dedupe=True) - fm.logprobs(b1, train=True, dedupe=True, prompts_ran=True)
+    assert t2 - t1 == pytest.approx(ran, rel=0.01) and ran > 0  # the prompts' forward, run once

@@ -110,10 +110,12 @@ def test_grpo_samples_from_the_synced_copy_and_counts_what_ran():
     (slow, _, _), (fast, meter, counted) = runs[False], runs[True]
     assert [m["train/reward_mean"] for m in slow] == [m["train/reward_mean"] for m in fast]
     assert [m["train/loss"] for m in slow] == pytest.approx([m["train/loss"] for m in fast], abs=1e-5)
-    # the same tokens ran either way: what the copy saved less what the folds cost is what torch saw change
-    saved = sum(runs[False][1].flops.values()) - sum(meter.flops.values())
-    assert saved > 0 and saved == pytest.approx(runs[False][2] - counted, rel=0.01)
-    assert sum(meter.flops.values()) == pytest.approx(counted, rel=0.05)
+    # the same tokens ran either way: the FLOPs counted differ as torch saw them differ (the copy samples without
+    # adapter work and pays the folds; the adapters sampling themselves run the prompts once for sampling and update)
+    delta = sum(runs[False][1].flops.values()) - sum(meter.flops.values())
+    assert delta == pytest.approx(runs[False][2] - counted, abs=0.01 * counted)
+    for _, m, ran in runs.values():
+        assert sum(m.flops.values()) == pytest.approx(ran, rel=0.05)
 
 
 def test_rows_that_end_leave_the_decode_batch_with_the_same_samples_cache_and_counted_flops(smollm2_dir, monkeypatch):
@@ -224,7 +226,8 @@ def test_a_shared_chat_head_is_prefilled_once_into_the_plain_prefills_cache(smol
     shared = generate._prefill_distinct(model, ids, mask, share_head=True)
     monkeypatch.setattr(generate, "SHARED_HEAD", 10**6)
     plain = generate._prefill_distinct(model, ids, mask, share_head=True)
-    assert shared[2] >= 8 and plain[2] == 0
+    assert shared[2] >= 8 and plain[2] == 0 and torch.equal(shared[3], plain[3])
+    shared, plain = generate._fan_out(*shared[:2], shared[3]), generate._fan_out(*plain[:2], plain[3])
     assert torch.allclose(shared[1], plain[1], atol=1e-3)
     real = mask.bool()[:, None, :, None]  # pad columns hold what nobody attends to
     for a, b in zip(shared[0].layers, plain[0].layers):
@@ -240,7 +243,7 @@ def test_a_shared_chat_head_is_prefilled_once_into_the_plain_prefills_cache(smol
         return b, fc.get_total_flops(), fm.generation(b)
 
     (b1, ran1, counted1), (_, ran2, counted2) = run(8, 1), run(10**6, 1)  # one new token: the prefill alone
-    assert b1.head == shared[2]
+    assert b1.head >= 8
     assert ran1 == pytest.approx(counted1, rel=0.02) and ran2 == pytest.approx(counted2, rel=0.02)
     distinct = len(set(prompts))
     assert counted2 - counted1 == pytest.approx((distinct - 1) * FlopModel.of(model).forward(b1.head, 0, 0), rel=0.1)
