@@ -138,8 +138,8 @@ def _verdicts(model, out, mask: torch.Tensor, tails: list[tuple[list[int], list[
     if T > 1:  # the verdict tails from the one cached prefix: the yes tails, the cache cut back to it, the no tails
         rest = []
         for half in (slice(0, B), slice(B, 2 * B)):
-            for layer in cache.layers:  # a view: a decode cache (`generate._Room`) then writes in place
-                layer.keys, layer.values = layer.keys[:, :, :L], layer.values[:, :, :L]
+            if rest:  # back to the shared tokens: a view, so a decode cache (`generate._Room`) writes in place
+                cache.crop(-(T - 1))
             full = torch.cat([mask, tail_mask[half, :-1]], dim=1)
             rest.append(model(input_ids=tail_ids[half, :-1], attention_mask=full, cache=cache, use_cache=True,
                               position_ids=(full.cumsum(-1) - 1)[:, L:]).logits)
