@@ -67,7 +67,7 @@ def profile_step(model, tok, task, fm: FlopModel, steps: int) -> dict:
             _, t_prefill = timed(_prefill_distinct, copy, batch.prompt_ids, batch.prompt_mask)
         rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, batch.texts)])
         adv = group_advantages(rewards, G)
-        (logp, _), t_fwd = timed(completion_logprobs, model, batch, dedupe=True)
+        logp, t_fwd = timed(completion_logprobs, model, batch, dedupe=True)
         mask = batch.completion_mask.float()
         loss = -((logp * adv[:, None]) * mask).sum() / mask.sum()
         _, t_bwd = timed(loss.backward)

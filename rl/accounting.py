@@ -102,11 +102,12 @@ class FlopModel:
             prefill = self.sequences(prompts, P, logits_per_row=1)
         return prefill + self.forward(batch.decode_tokens, batch.decode_context)
 
-    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False, prompts_ran: bool = False) -> float:
+    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False, prompts_ran: int = 0) -> float:
         """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over
         prompt + completion with logits at the last T + 1 positions; deduplicated, one prefill per distinct prompt
         (one logit) and the completion tokens but the last of each distinct row, each attending to its prompt and
-        the tokens before it."""
+        the tokens before it. `prompts_ran`: the distinct prompts whose forward ran in sampling (`Batch.prompt_pass`,
+        perhaps more than the batch's rows have): their backward, instead of the batch's prompts' pass."""
         B, P = batch.prompt_ids.shape
         T = batch.completion_ids.shape[1]
         if not dedupe:
@@ -115,8 +116,8 @@ class FlopModel:
         rows = len(distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)[0])
         keys = rows * ((T - 1) * P + (T - 1) * T // 2)  # token t of the completion attends to P + t keys
         prefill = self.sequences(prompts, P, train, logits_per_row=1)
-        if prompts_ran:  # the prompts' forward ran in sampling (`Batch.prompt_pass`): their backward only
-            prefill -= self.sequences(prompts, P, logits_per_row=1)
+        if prompts_ran:  # their backward only
+            prefill = self.sequences(prompts_ran, P, train, 1) - self.sequences(prompts_ran, P, logits_per_row=1)
         return prefill + self.forward(rows * (T - 1), keys, train=train)
 
 

@@ -28,6 +28,7 @@ class Batch:
     head: int = 0  # tokens every prompt starts with, prefilled once for all (0: none)
     prompt_pass: tuple | None = None  # `sample(grad_prompts=True)`: the distinct prompts' KV cache and next-token
     # logits with their autograd graph, and each row's distinct prompt (None: row i's is i), for `completion_logprobs`
+    entropy: torch.Tensor | None = None  # `sample(with_entropy=True)`: (B, T) entropy of each token's distribution
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -36,6 +37,17 @@ class Batch:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """Rows `rows` (a 1-D index) with the completion columns trimmed to their longest; the prompts' pass comes
+        along, each kept row mapped to its distinct prompt."""
+        T = int(self.completion_mask[rows].sum(1).max())
+        pass_ = self.prompt_pass
+        if pass_ is not None:
+            cache, first, row_of = pass_
+            pass_ = cache, first, rows if row_of is None else row_of[rows]
+        return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows, :T],
+                     self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()], prompt_pass=pass_)
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +104,15 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def distinct_rows(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For the rows of `parts` side by side: one representative row index per distinct row, and for each row the
     index of its distinct row (so `x[rep][row_of]` equals `x`)."""
-    _, row_of = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)
-    rep = row_of.new_empty(int(row_of.max()) + 1).scatter_(0, row_of, torch.arange(len(row_of), device=row_of.device))
-    return rep, row_of
+    index: dict[tuple, int] = {}  # a dict of row tuples: torch.unique(dim=0) sorts, 250 us for 64 short rows
+    rep, row_of = [], []
+    for i, r in enumerate(torch.cat(parts, dim=1).tolist()):
+        k = index.setdefault(tuple(r), len(index))
+        if k == len(rep):  # its first appearance
+            rep.append(i)
+        row_of.append(k)
+    device = parts[0].device
+    return torch.tensor(rep, device=device), torch.tensor(row_of, device=device)
 
 
 SHARED_HEAD = 8  # tokens a head all distinct prompts share needs to run once (shorter, the extra pass costs more)
@@ -267,6 +285,7 @@ def sample(
     dedupe: bool = True,
     keep_cache: bool = False,
     grad_prompts: bool = False,
+    with_entropy: bool = False,
 ) -> Batch:
     """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos. `greedy`: every row
     takes the most likely token, or none does, or a (B,) bool tensor says which rows do (a problem's greedy answer
@@ -280,7 +299,8 @@ def sample(
     (`_Room`). With `keep_cache`, the batch keeps the KV cache, valid through each row's eos, for a continuation
     (`self_verify.p_yes_from_cache`). With `grad_prompts` (and `dedupe`), the prompts' pass keeps its autograd graph
     in `Batch.prompt_pass` (no head shared): the policy's prompt pass, which `completion_logprobs` then takes instead of
-    running it again (GRPO with mu = 1 sampling from the trained model); sampling reads detached copies."""
+    running it again (GRPO with mu = 1 sampling from the trained model); sampling reads detached copies. With
+    `with_entropy`, `Batch.entropy` holds the entropy of softmax(logits / temperature) at each token."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
@@ -305,6 +325,7 @@ def sample(
     cache = _with_room(cache, P + max_new_tokens - 1)  # every token fed below is written in place
     mask, pos = prompt_mask, _positions(prompt_mask)[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    entropy = torch.zeros((B, max_new_tokens), device=device) if with_entropy else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)  # the rows in the decode batch (and the cache), in its order
     dropped = []  # rows that left it, with their KV cache (kept only for keep_cache)
@@ -318,6 +339,9 @@ def sample(
             nxt[sel] = draw(logits[sel], temperature, u=u[slot[active[sel]]])
         else:
             nxt = draw(logits, temperature, u=u[slot[active]]) if n_drawn else _top(logits)
+        if with_entropy:  # H = -sum_v p_v log p_v of the distribution each token is drawn from
+            logp = F.log_softmax(logits.float() / temperature, dim=-1)
+            entropy[active, t] = -(logp.exp() * logp).sum(-1)
         ended = done[active]  # rows whose eos is already in the cache
         nxt = torch.where(ended, torch.full_like(nxt, pad), nxt)
         tokens[active, t] = nxt
@@ -349,18 +373,17 @@ def sample(
     completion_mask = (~after_eos).long()
     texts = tokenizer.batch_decode(tokens.masked_fill(~completion_mask.bool(), pad), skip_special_tokens=True)
     return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_tokens, decode_context,
-                 cache if keep_cache else None, head, prompt_pass)
+                 cache if keep_cache else None, head, prompt_pass, entropy[:, :T] if with_entropy else None)
 
 
 def completion_logprobs(
     model: PreTrainedModel,
     batch: Batch,
     temperature: float = 1.0,
-    with_entropy: bool = False,
     dedupe: bool = False,
     prompt_pass: tuple | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T); optionally the per-token entropy.
+) -> torch.Tensor:
+    """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T).
 
     With `dedupe`, identical rows (the same prompt and completion, common within a group) are computed once, each
     distinct prompt goes through the model once with its KV cache copied to the completions that follow it, and
@@ -384,13 +407,5 @@ def completion_logprobs(
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                        logits_to_keep=keep_last(T + 1)).logits
         logits = logits[:, :-1, :].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.completion_ids[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    if row_of is not None:  # back to one row per sample
-        logp = logp.index_select(0, row_of)
-        entropy = entropy.index_select(0, row_of) if entropy is not None else None
-    return logp, entropy
+    logp = F.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    return logp.index_select(0, row_of) if row_of is not None else logp  # back to one row per sample

@@ -93,6 +93,9 @@ class GRPOConfig(BaseModel):
 
 
 # ---------------------------------------------------------------- the math
+SKIP_ZERO_ADVANTAGE = True  # the policy pass leaves out rows whose advantage is 0 where that changes nothing
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps); without `scale`, A_i = r_i - mean (Dr. GRPO)."""
     r = rewards.view(-1, group_size)
@@ -225,7 +228,8 @@ def train_grpo(
             fold = sync_merged(sampler, model) if sampler is not None else 0.0  # W + alpha/r BA, this step's
             # sampling from the trained model with mu = 1, its prefill with autograd is the policy pass's prompt part
             solve = sample(draw, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
-                           generator=generator, grad_prompts=sampler is None and cfg.num_iterations == 1)
+                           generator=generator, grad_prompts=sampler is None and cfg.num_iterations == 1,
+                           with_entropy=True)
         meter.add("rollout", fold + fm_draw.generation(solve))
         if cfg.reward == "verifier":
             rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
@@ -271,7 +275,7 @@ def train_grpo(
             if cfg.verify_coef > 0:
                 with meter.phase("verify_rollout"):
                     verify = sample(draw, tokenizer, judge, cfg.verify_max_new_tokens, cfg.temperature,
-                                    generator=generator)
+                                    generator=generator, with_entropy=True)
                 meter.add("verify_rollout", fm_draw.generation(verify))
                 v_rewards = torch.tensor([verdict_reward(v, ok) for v, ok in zip(verify.texts, truth)])
                 batches.append(("verify", verify, group_advantages(v_rewards, G, cfg.scale_rewards).to(device),
@@ -296,26 +300,33 @@ def train_grpo(
             for name, b, _, _ in batches:
                 if cfg.num_iterations > 1:
                     with meter.phase("policy"):
-                        old[name] = completion_logprobs(model, b, cfg.temperature, dedupe=True)[0]
+                        old[name] = completion_logprobs(model, b, cfg.temperature, dedupe=True)
                     meter.add("policy", fm.logprobs(b, dedupe=True))
                 if cfg.beta > 0:  # pi_ref: a frozen copy of the SFT model, or with LoRA the adapters switched off
                     lora_off = ref_model is None
                     with meter.phase("reference"), (model.disable_adapter() if lora_off else nullcontext()):
                         ref[name] = completion_logprobs(model if lora_off else ref_model, b, cfg.temperature,
-                                                        dedupe=True)[0]
+                                                        dedupe=True)
                     meter.add("reference", (fm.without_adapter() if lora_off else fm).logprobs(b, dedupe=True))
 
         # 4. mu passes of the clipped objective: L = L_solve + verify_coef * L_verify + verify_sft_coef * L_check
         metrics: dict[str, float] = {}
+        # a row with A_i = 0 adds nothing to the loss's gradient when beta = 0, nor to its clip fraction but in cispo
+        # with mu > 1 (its ratio is 1 here): it is not run (at least one row is, so every DDP rank joins backward)
+        skip_zero = SKIP_ZERO_ADVANTAGE and cfg.beta == 0 and (cfg.num_iterations == 1 or cfg.loss_type != "cispo")
         for _ in range(cfg.num_iterations):
             with meter.phase("policy"):
                 total = torch.zeros((), device=device)
                 for name, b, adv, coef in batches:
+                    live = adv != 0 if skip_zero else torch.ones_like(adv, dtype=torch.bool)
+                    live[0] |= ~live.any()
+                    part = b.select(live.nonzero().squeeze(1))
                     # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
-                    ran = b.prompt_pass is not None  # the prompts' pass from sampling, used once
-                    logp, entropy = completion_logprobs(net, b, cfg.temperature, with_entropy=True, dedupe=True,
-                                                        prompt_pass=b.prompt_pass)
-                    b.prompt_pass = None
+                    ran = len(b.prompt_pass[1]) if b.prompt_pass is not None else 0  # prompts run in sampling
+                    logp = old[name].clone() if name in old else torch.zeros(b.completion_ids.shape, device=device)
+                    logp[live, : part.completion_ids.shape[1]] = completion_logprobs(
+                        net, part, cfg.temperature, dedupe=True, prompt_pass=part.prompt_pass)
+                    b.prompt_pass = None  # used once (its cache grew in the pass)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     max_len = cfg.max_new_tokens if name == "solve" else cfg.verify_max_new_tokens
                     loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok[name],
@@ -326,11 +337,12 @@ def train_grpo(
                     metrics[prefix + "loss"] = loss.item()
                     metrics[prefix + "clip_frac"] = stats["clip_frac"]
                     metrics[prefix + "kl"] = stats["kl"]
-                    metrics[prefix + "entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                    meter.add("policy", fm.logprobs(b, train=True, dedupe=True, prompts_ran=ran))
+                    # the sampling policy's entropy at each sampled token (at mu = 1, pi_theta's)
+                    metrics[prefix + "entropy"] = float((b.entropy * mask).sum() / mask.sum().clamp(min=1))
+                    meter.add("policy", fm.logprobs(part, train=True, dedupe=True, prompts_ran=ran))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and check is not None:
-                    logp, _ = completion_logprobs(net, check, dedupe=True)
+                    logp = completion_logprobs(net, check, dedupe=True)
                     cmask = check.completion_mask.float()
                     nll = -(logp * cmask).sum() / check_tokens  # L_check = -log p(program's check)
                     total = total + cfg.verify_sft_coef * nll

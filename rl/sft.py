@@ -86,7 +86,7 @@ def train_sft(
             ids, mask = encode_prompts(tokenizer, [p for p, _ in examples], device)
             cids, cmask = encode_completions(tokenizer, [c for _, c in examples], device)
             batch = Batch(ids, mask, cids, cmask, [])
-            logp, _ = completion_logprobs(net, batch)
+            logp = completion_logprobs(net, batch)
             # token-level negative log-likelihood over the global batch (all ranks' tokens)
             loss = -(logp * cmask).sum() / distributed.per_rank_mean(cmask.sum().clamp(min=1))
             optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ def test_loss_and_gradient_equal_trls_on_one_batch(tmp_path):
     assert batch.prompt_mask.float().mean() < 1 and batch.completion_mask.float().mean() < 1
     adv = torch.randn(len(prompts))  # A_i: any values; the loss is linear in them
     # the sampling policy a little off the current one, so the ratio and its clipping act
-    old = completion_logprobs(mine, batch)[0].detach() + 0.3 * torch.randn(batch.completion_ids.shape)
+    old = completion_logprobs(mine, batch).detach() + 0.3 * torch.randn(batch.completion_ids.shape)
     trainer, _ = tiny_grpo(tmp_path / "store", tmp_path / "out", model=(theirs, tok), epsilon=0.2,
                            epsilon_high=0.28, beta=0.0, max_completion_length=6)
     trainer.current_gradient_accumulation_steps = 1  # what TRL's training_step sets
@@ -36,7 +36,7 @@ def test_loss_and_gradient_equal_trls_on_one_batch(tmp_path):
     for loss_type in ("dapo", "grpo", "dr_grpo"):
         mine.zero_grad(), theirs.zero_grad()
         cfg = GRPOConfig(loss_type=loss_type, beta=0.0, epsilon_low=0.2, epsilon_high=0.28)
-        logp, _ = completion_logprobs(mine, batch, dedupe=True)  # as train_grpo: prompts once, alike rows once
+        logp = completion_logprobs(mine, batch, dedupe=True)  # as train_grpo: prompts once, alike rows once
         loss, stats = grpo_loss(logp, old, None, adv, batch.completion_mask, cfg, max_len=6)  # L: the longest
         loss.backward()
         assert stats["clip_frac"] > 0

@@ -112,8 +112,10 @@ def test_grpo_samples_from_the_synced_copy_and_counts_what_ran():
     assert [m["train/loss"] for m in slow] == pytest.approx([m["train/loss"] for m in fast], abs=1e-5)
     # the same tokens ran either way: the FLOPs counted differ as torch saw them differ (the copy samples without
     # adapter work and pays the folds; the adapters sampling themselves run the prompts once for sampling and update)
+    # (to 2% of the run: FlopModel counts a backward's input gradient through layer 0's frozen weights, which torch
+    # skips as the embeddings need none; 4% of this 2-layer model's prompt backward, a 30th of that on SmolLM2)
     delta = sum(runs[False][1].flops.values()) - sum(meter.flops.values())
-    assert delta == pytest.approx(runs[False][2] - counted, abs=0.01 * counted)
+    assert delta == pytest.approx(runs[False][2] - counted, abs=0.02 * counted)
     for _, m, ran in runs.values():
         assert sum(m.flops.values()) == pytest.approx(ran, rel=0.05)
 

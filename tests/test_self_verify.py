@@ -102,7 +102,7 @@ def _p_yes_teacher_forced(model, tok, prompts, traces):
     ids, mask = encode_prompts(tok, both, torch.device("cpu"))
     cids, cmask = encode_completions(tok, [f"{t} yes" for t in traces] + [f"{t} no" for t in traces],
                                      torch.device("cpu"))
-    logp, _ = completion_logprobs(model, Batch(ids, mask, cids, cmask, []))
+    logp = completion_logprobs(model, Batch(ids, mask, cids, cmask, []))
     seq = (logp * cmask).sum(-1)
     return torch.sigmoid(seq[: len(prompts)] - seq[len(prompts) :])
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import CoinKey
 
+from rlscale.rl import grpo
 from rlscale.rl.accounting import PHASES, FlopModel, Meter
 from rlscale.rl.checkpoint import latest_checkpoint
+from rlscale.rl.generate import sample
 from rlscale.rl.grpo import GRPOConfig, train_grpo
 from rlscale.rl.model import LoraConfig, ModelConfig, add_lora, count_params, load_model
 from rlscale.rl.pipeline import PipelineConfig, run_pipeline
@@ -149,3 +152,44 @@ def test_lora_pipeline_merges_sft_and_saves_a_plain_model(tmp_path, recorder):
     base, _ = load_model(ModelConfig(size="nano"), seed=0)
     assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), sft.parameters()))  # SFT adapters merged
     assert result.metrics["compute/flops/reference"] > 0 and result.metrics["eval/accuracy"] >= 0
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_rows_with_zero_advantage_are_left_out_for_the_same_update(monkeypatch, make_recorder, mu):
+    """With beta = 0 a row whose advantage is 0 adds nothing to the gradient, so the policy pass leaves it out: the
+    same losses, clip fractions and weights (to float rounding) as running every row, for fewer FLOPs counted."""
+    runs = {}
+    for skip in (False, True):
+        monkeypatch.setattr(grpo, "SKIP_ZERO_ADVANTAGE", skip)
+        model, tok = load_model(ModelConfig(size="nano"), seed=0)
+        task = CoinKey(make_task(ArithmeticParams(digits=1)), share=0.2)  # groups all wrong, and mixed ones
+        cfg = GRPOConfig(steps=4, prompts_per_step=8, num_generations=4, max_new_tokens=3, learning_rate=1e-2,
+                         beta=0.0, num_iterations=mu, self_verify=False)
+        rec, meter = make_recorder(), Meter(FlopModel.of(model))
+        train_grpo(model, tok, task, cfg, seed=0, meter=meter, callback=rec)
+        runs[skip] = model, [m for _, m in rec.logs], meter
+    (full, every, m_full), (part, some, m_part) = runs[False], runs[True]
+    assert all(0 < m["train/zero_std_frac"] < 1 for m in every)  # rows left out and rows run, each step
+    for a, b in zip(every, some):
+        for k in ("train/loss", "train/clip_frac", "train/entropy", "train/grad_norm"):
+            assert b[k] == pytest.approx(a[k], abs=1e-6), k
+        assert b["train/reward_mean"] == a["train/reward_mean"]  # the same answers drawn
+    for pa, pb in zip(full.parameters(), part.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5)  # AdamW divides a gradient's rounding by its own size too
+    assert m_part.flops["policy"] < 0.8 * m_full.flops["policy"] and m_part.flops["rollout"] == m_full.flops["rollout"]
+
+
+def test_the_entropy_sampling_reads_is_the_policy_pass_entropy(nano):
+    """`sample(with_entropy=True)`: the entropy of each drawn token's distribution equals that of the same logits in a
+    forward pass over prompt and completion (GRPO logs it without running rows whose advantage is 0)."""
+    model, tok = nano
+    b = sample(model, tok, ["12+34=", "7*8="] * 4, max_new_tokens=5, temperature=0.7,
+               generator=torch.Generator().manual_seed(0), with_entropy=True)
+    T = b.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                       position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -T - 1 : -1]
+    logp = torch.log_softmax(logits / 0.7, dim=-1)
+    want = -(logp.exp() * logp).sum(-1)
+    mask = b.completion_mask.bool()
+    assert mask.sum() > 8 and torch.allclose(b.entropy[mask], want[mask], atol=1e-5)

@@ -91,8 +91,8 @@ def test_nan_loss_in_sft_fails_the_run_with_step_and_keeps_last_good_checkpoint(
     def logprobs(*args, **kwargs):
         nonlocal calls
         calls += 1
-        logp, entropy = honest(*args, **kwargs)
-        return (logp * math.nan if calls == 3 else logp), entropy  # SFT step 3
+        logp = honest(*args, **kwargs)
+        return logp * math.nan if calls == 3 else logp  # SFT step 3
 
     monkeypatch.setattr(rl_sft, "completion_logprobs", logprobs)
     with pytest.raises(FloatingPointError, match="SFT step 3"):
