@@ -224,9 +224,9 @@ def p_yes_from_cache(
     bodies, tails = [], []
     for i, (row, (shared, y, n)) in enumerate(zip(rows, _teacher_forced(tokenizer, prompts, traces))):
         r = _common(shared, held[row][P - lengths[row] :])  # what both verdicts read vs the row's real cached tokens
-        # keep the first r - 1 cached tokens and feed again from the r-th: the logits of the last kept token predict
-        # what follows it, and they were not kept (never past the row's eos: rows that ended early hold zeros there)
-        keep = min(max(r - 1, 0), valid[row])
+        # keep the r cached tokens both read, but feed at least the last shared token (its logits predict the
+        # verdict and were not kept), never past the row's eos (rows that ended early hold zeros there)
+        keep = min(r, len(shared) - 1, valid[row])
         cache_mask[i, P - lengths[row] + keep :] = 0
         bodies.append(shared[keep:])
         tails.append((y, n))
