@@ -42,12 +42,17 @@ class Batch:
         """Rows `rows` (a 1-D index) with the completion columns trimmed to their longest; the prompts' pass comes
         along, each kept row mapped to its distinct prompt."""
         T = int(self.completion_mask[rows].sum(1).max())
-        pass_ = self.prompt_pass
-        if pass_ is not None:
-            cache, first, row_of = pass_
-            pass_ = cache, first, rows if row_of is None else row_of[rows]
         return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows, :T],
-                     self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()], prompt_pass=pass_)
+                     self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()],
+                     prompt_pass=_pass_rows(self.prompt_pass, rows))
+
+
+def _pass_rows(prompt_pass: tuple | None, rows: torch.Tensor) -> tuple | None:
+    """A `Batch.prompt_pass` for rows `rows` of its batch: each mapped to its distinct prompt."""
+    if prompt_pass is None:
+        return None
+    cache, first, row_of = prompt_pass
+    return cache, first, rows if row_of is None else row_of[rows]
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,9 +403,7 @@ def completion_logprobs(
         rep, row_of = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         batch = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
                       batch.completion_mask[rep], [])
-        if prompt_pass is not None:  # the prompt of distinct row k is that of sampled row rep[k]
-            cache, first, rows = prompt_pass
-            prompt_pass = cache, first, rep if rows is None else rows[rep]
+        prompt_pass = _pass_rows(prompt_pass, rep)  # the prompt of distinct row k is that of sampled row rep[k]
         logits = _logits_sharing_prompts(model, batch, prompt_pass).float() / temperature
     else:
         ids, mask = batch.input_ids, batch.attention_mask
