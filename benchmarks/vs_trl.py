@@ -6,7 +6,8 @@
 Same starting weights (a short rlscale SFT warm-start of a tiny Llama, saved to a local directory that both load),
 same task (2-digit addition, training split, the same problems in the same order), same batch (8 prompts x 8
 generations = 64 completions a step, at most 6 new tokens, temperature 1.0), same objective (token-level "dapo"
-loss, clip 0.2 / 0.28, group-scaled advantages, beta = 0, mu = 1, AdamW lr 1e-4 constant, grad clip 1.0), the same
+loss, clip 0.2 / 0.28, group-scaled advantages, beta = 0, mu = 1, AdamW lr 1e-4 constant with its fused kernel,
+transformers' default `adamw_torch_fused` that TRL takes, grad clip 1.0), the same
 reward (`task.reward`), no self-verification on the rlscale side (TRL has none). Each run is its own subprocess
 (clean peak RSS; no shared state), and the two sides alternate A B A B so that drift of the shared machine cancels
 in the per-pair ratio.
@@ -101,7 +102,7 @@ def run_rlscale(job: dict) -> dict:
     cfg = GRPOConfig(steps=steps, prompts_per_step=job["prompts"], num_generations=G, max_new_tokens=MAX_NEW,
                      temperature=1.0, learning_rate=LR, lr_schedule="constant", warmup_steps=0, beta=0.0,
                      num_iterations=1, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, scale_rewards=True,
-                     max_grad_norm=1.0, weight_decay=0.0, self_verify=False)
+                     max_grad_norm=1.0, weight_decay=0.0, self_verify=False, optim="adamw_torch_fused")
 
     class Log:
         ends: list[float] = []
@@ -345,6 +346,7 @@ def main() -> None:
                   "num_generations": G, "max_new_tokens": MAX_NEW, "temperature": 1.0, "learning_rate": LR,
                   "lr_schedule": "constant", "beta": 0.0, "num_iterations": 1, "loss_type": "dapo",
                   "epsilon": [0.2, 0.28], "scale_rewards": "group", "max_grad_norm": 1.0, "self_verify": False,
+                  "optim": "adamw_torch_fused (both sides; transformers' default)",
                   "timing": "wall (and CPU) seconds between step ends after the warm-up steps, one process per run",
                   "eval": f"greedy accuracy on {EVAL_PROBLEMS} eval-split problems (seed {EVAL_SEED}), same code"},
         "results": results,

@@ -95,13 +95,15 @@ class ExperimentConfig(PipelineConfig):
 
 
 SCALE_KNOBS = ("name", "seed", "output_dir", "tracking", "sweep", "grid", "sft.steps", "grpo.steps", "grpo.eval_every",
-               "grpo.eval_problems", "grpo.checkpoint_every", "eval.problems", "eval.samples", "eval.batch_size",
-               "model.pretrain_tokens", "model.pretrain_flops", "model.pretrain_usd", "model.pretrain_source")
+               "grpo.eval_problems", "grpo.checkpoint_every", "grpo.optim", "eval.problems", "eval.samples",
+               "eval.batch_size", "model.pretrain_tokens", "model.pretrain_flops", "model.pretrain_usd",
+               "model.pretrain_source")
 
 
 def recipe_of(cfg: ExperimentConfig) -> str:
     """The run's recipe: `tracking.recipe`, else a short stable hash of its config with the scale knobs (budget,
-    seed, names, tracking, eval sizes) left out, so runs that differ only in budget or seed group together."""
+    seed, names, tracking, eval sizes, the optimizer's kernel) left out, so runs that differ only in budget or seed
+    group together."""
     if cfg.tracking.recipe:
         return cfg.tracking.recipe
     data = cfg.model_dump(mode="json")

@@ -14,7 +14,9 @@ def test_budget_seed_and_names_do_not_change_the_recipe():
     base = _recipe()
     assert len(base) == 10 and base == _recipe()
     assert base == _recipe("grpo.steps=999", "sft.steps=3", "seed=7", "name=other", "output_dir=x",
-                           "eval.problems=17", "eval.samples=2", "grpo.eval_every=5", "tracking.phase=final")
+                           "eval.problems=17", "eval.samples=2", "grpo.eval_every=5", "tracking.phase=final",
+                           "grpo.optim=adamw_torch_fused")
+    assert "optim" not in load_config(None, ["model.size=nano"]).model_dump()["grpo"]  # older runs' params unchanged
 
 
 def test_a_setting_that_changes_the_training_is_a_new_recipe():

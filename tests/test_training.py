@@ -179,6 +179,34 @@ def test_rows_with_zero_advantage_are_left_out_for_the_same_update(monkeypatch, 
     assert m_part.flops["policy"] < 0.8 * m_full.flops["policy"] and m_part.flops["rollout"] == m_full.flops["rollout"]
 
 
+def test_fused_adamw_is_the_same_update_to_float_rounding(monkeypatch, make_recorder):
+    """`grpo.optim = 'adamw_torch_fused'` (transformers' default) builds AdamW with its fused kernel: the same steps
+    as the unfused one to float rounding."""
+    built = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.defaults["fused"])
+
+    monkeypatch.setattr(grpo.torch.optim, "AdamW", Spy)
+    runs = {}
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        model, tok = load_model(ModelConfig(size="nano"), seed=0)
+        cfg = GRPOConfig(steps=3, prompts_per_step=4, num_generations=4, max_new_tokens=3, learning_rate=1e-2,
+                         self_verify=False, optim=optim)
+        rec = make_recorder()
+        train_grpo(model, tok, make_task(ArithmeticParams(digits=1)), cfg, seed=0, meter=Meter(FlopModel.of(model)),
+                   callback=rec)
+        runs[optim] = model, [m for _, m in rec.logs]
+    assert built == [False, True]
+    (plain, a), (fused, b) = runs["adamw_torch"], runs["adamw_torch_fused"]
+    assert [m["train/reward_mean"] for m in a] == [m["train/reward_mean"] for m in b]  # the same answers drawn
+    assert [m["train/loss"] for m in b] == pytest.approx([m["train/loss"] for m in a], abs=1e-5)
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
 def test_the_entropy_sampling_reads_is_the_policy_pass_entropy(nano):
     """`sample(with_entropy=True)`: the entropy of each drawn token's distribution equals that of the same logits in a
     forward pass over prompt and completion (GRPO logs it without running rows whose advantage is 0)."""
