@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rlscale.rl.attention import SDPA
 from rlscale.rl.checkpoint import check_replaceable, fresh_tmp, owned, publish
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,15 @@ def tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention(cfg),
     )
     return LlamaForCausalLM(config)
+
+
+def attention(cfg: ModelConfig) -> str:
+    """The attn_implementation a model loads with: "eager", or for "sdpa" transformers' SDPA attention with shared
+    key/value heads handed to torch's kernel (`rl.attention`)."""
+    return SDPA if cfg.attn_implementation == "sdpa" else cfg.attn_implementation
 
 
 def cache_dir() -> Path:
@@ -314,7 +321,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype,
                                                      trust_remote_code=False,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=attention(cfg))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
