@@ -7,6 +7,7 @@ its own homework; at test time the same verdicts pick among sampled answers (sel
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -230,15 +231,44 @@ def p_yes_from_cache(
         cache_mask[i, P - lengths[row] + keep :] = 0
         bodies.append(shared[keep:])
         tails.append((y, n))
-    # the rest of each row's shared tokens, left-padded after the cache (the pads masked), logits at the last only
-    body, body_mask = left_pad(bodies, pad)
-    body, body_mask = body.to(device), body_mask.to(device)
-    cache = sampled.cache
-    cache.reorder_cache(torch.tensor(rows, device=device))
-    mask = torch.cat([cache_mask, body_mask], dim=1)
-    out = model(input_ids=body, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, C:].clamp(min=0),
-                cache=cache, use_cache=True, logits_to_keep=keep_last(1))
-    Lb = body.shape[1]
-    passes = [(B * Lb, B * (Lb * C + Lb * (Lb + 1) // 2), B)]
-    p, tail_pass = _verdicts(model, out, mask, tails, pad)
-    return p, passes + tail_pass
+    # the rest of each row's shared tokens, left-padded after the cache (the pads masked), logits at the last only;
+    # rows grouped by that length, so a few long ones (an answer that re-tokenises apart) do not pad all the others
+    p, passes = torch.empty(B, device=device), []
+    for group in length_groups([len(b) for b in bodies]):
+        idx = torch.tensor(group, device=device)
+        body, body_mask = left_pad([bodies[i] for i in group], pad)
+        body, body_mask = body.to(device), body_mask.to(device)
+        cache = _cache_rows(sampled.cache, torch.tensor([rows[i] for i in group], device=device))
+        mask = torch.cat([cache_mask[idx], body_mask], dim=1)
+        out = model(input_ids=body, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, C:].clamp(min=0),
+                    cache=cache, use_cache=True, logits_to_keep=keep_last(1))
+        Bg, Lb = len(group), body.shape[1]
+        passes.append((Bg * Lb, Bg * (Lb * C + Lb * (Lb + 1) // 2), Bg))
+        p[idx], tail_pass = _verdicts(model, out, mask, [tails[i] for i in group], pad)
+        passes += tail_pass
+    return p, passes
+
+
+PASS_TOKENS = 32  # what one more pass costs, in padded tokens (its per-layer calls), when `length_groups` cuts
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows (indices) grouped by length for passes that pad each group to its longest: sorted by length and cut
+    where the least padded tokens plus PASS_TOKENS a pass (dynamic programming over the distinct lengths)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ends = [j for j in range(1, len(order) + 1) if j == len(order) or lengths[order[j]] != lengths[order[j - 1]]]
+    best = {0: (0, [])}  # rows so far (a group boundary) -> (cost, the groups' ends)
+    for j in ends:
+        best[j] = min((cost + (j - i) * lengths[order[j - 1]] + PASS_TOKENS, cuts + [j])
+                      for i, (cost, cuts) in best.items())
+    cuts = best[len(order)][1]
+    return [order[i:j] for i, j in zip([0] + cuts, cuts)]
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A copy of `cache` holding rows `rows` (the cache itself left as it is)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    return out

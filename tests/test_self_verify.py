@@ -192,6 +192,19 @@ def test_p_yes_continuing_the_checks_cache_equals_the_definition(which, nano, re
         assert passes[0][0] >= len(prompts) and all(keys > 0 for _, keys, _ in passes)
 
 
+def test_rows_padded_together_are_grouped_by_length():
+    """`p_yes_from_cache` pads each group of rows to its longest: the groups that feed the fewest tokens, padding
+    included, counting PASS_TOKENS for each pass; a long outlier gets a pass of its own."""
+    from rlscale.rl.self_verify import PASS_TOKENS, length_groups
+
+    lengths = [28] * 38 + [26] * 118 + [43]  # an eval batch's verdict questions (one answer re-tokenised apart)
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted({lengths[i] for i in g}) for g in groups] == [[26], [28], [43]]
+    assert [len(g) for g in length_groups([3] + [2] * 9)] == [10]  # one padded token each is cheaper than a pass
+    assert length_groups([5, 5 + PASS_TOKENS + 1]) == [[0], [1]] and length_groups([]) == []
+
+
 def test_eval_answers_greedy_and_sampled_in_one_batch_as_they_would_be_apart(nano):
     """evaluate() generates each problem's greedy answer and its samples in one batch (one prefill a prompt): the
     greedy answers are those of a greedy batch alone and the samples those of a sampled batch alone, same generator
@@ -229,5 +242,5 @@ def test_chat_verdict_read_from_the_answers_own_cache_equals_the_definition(smol
     plain, _ = p_yes(model, tok, prompts, [""] * len(rows))
     assert torch.allclose(fast, plain, atol=1e-4), (fast, plain)
     shortest = min(len(tok(v, add_special_tokens=False)["input_ids"]) for v in prompts)
-    fed = passes[0][0] // len(rows)  # the rest of the verdict prompt, the longest of the rows, once a row
+    fed = max(tokens // rows for tokens, _, rows in passes)  # the rest of the verdict prompt, padded, once a row
     assert fed < shortest - b.prompt_ids.shape[1]  # neither the prompt nor the reply ran again
