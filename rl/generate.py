@@ -184,12 +184,13 @@ def _fan_out(cache, logits: torch.Tensor, row_of: torch.Tensor | None):
     return cache, logits.index_select(0, row_of)
 
 
-def _detached(cache):
-    """A copy of `cache` whose tensors are its own without their autograd graph."""
+def cache_copy(cache, fn):
+    """A copy of `cache` whose layers hold fn(keys) and fn(values) (the cache itself left as it is), e.g. its tensors
+    detached from their autograd graph, or some of its rows."""
     out = copy.copy(cache)
     out.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in out.layers:
-        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
     return out
 
 
@@ -327,7 +328,7 @@ def sample(
             cache, logits, head, row_of = _prefill_distinct(model, prompt_ids, prompt_mask, not grad_prompts)
         if grad_prompts:
             prompt_pass = cache, logits, row_of
-            cache, logits = _detached(cache), logits.detach()
+            cache, logits = cache_copy(cache, torch.Tensor.detach), logits.detach()
         cache, logits = _fan_out(cache, logits, row_of)
         logits = logits[:, -1, :]
     else:

@@ -7,13 +7,12 @@ its own homework; at test time the same verdicts pick among sampled answers (sel
 
 from __future__ import annotations
 
-import copy
 import random
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlscale.rl.generate import Batch, keep_last, left_pad
+from rlscale.rl.generate import Batch, cache_copy, keep_last, left_pad
 from rlscale.rl.tasks import Problem, Task
 
 YES, NO = "yes", "no"
@@ -238,7 +237,8 @@ def p_yes_from_cache(
         idx = torch.tensor(group, device=device)
         body, body_mask = left_pad([bodies[i] for i in group], pad)
         body, body_mask = body.to(device), body_mask.to(device)
-        cache = _cache_rows(sampled.cache, torch.tensor([rows[i] for i in group], device=device))
+        kept = torch.tensor([rows[i] for i in group], device=device)
+        cache = cache_copy(sampled.cache, lambda x, kept=kept: x.index_select(0, kept))  # the group's rows
         mask = torch.cat([cache_mask[idx], body_mask], dim=1)
         out = model(input_ids=body, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, C:].clamp(min=0),
                     cache=cache, use_cache=True, logits_to_keep=keep_last(1))
@@ -264,11 +264,3 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
     cuts = best[len(order)][1]
     return [order[i:j] for i, j in zip([0] + cuts, cuts)]
 
-
-def _cache_rows(cache, rows: torch.Tensor):
-    """A copy of `cache` holding rows `rows` (the cache itself left as it is)."""
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in out.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-    return out
