@@ -260,9 +260,11 @@ def _held_out(points: pd.DataFrame, x: str, top: float, horizon: float, warmup: 
 
 
 def sigmoid(p: Any, x: Any) -> Any:
-    """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) at x, from p = (R0, A, B, C_mid)."""
+    """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) at x, from p = (R0, A, B, C_mid); where (C_mid / C)^B overflows
+    (a fit trying a steep B far below C_mid), R is its limit R0."""
     R0, A, B, C_mid = p
-    return R0 + (A - R0) / (1 + (C_mid / np.asarray(x, dtype=float)) ** B)
+    with np.errstate(over="ignore"):
+        return R0 + (A - R0) / (1 + (C_mid / np.asarray(x, dtype=float)) ** B)
 
 
 def _bootstrap_runs(points: pd.DataFrame, x: str, n_boot: int, seed: int, best: Any, eval_noise: bool) -> np.ndarray:

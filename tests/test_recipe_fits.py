@@ -4,13 +4,14 @@ asymptote A within 0.02, the ranking right, intervals from runs, scores kept in 
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from rlscale.analysis.recipes import compare_recipes, run_curves
+from rlscale.analysis.recipes import compare_recipes, run_curves, sigmoid
 from rlscale.analysis.runs import load_runs
 from rlscale.tracking.run import tracking_uri
 
@@ -117,3 +118,11 @@ def test_recipe_labels_name_what_sets_each_recipe_apart():
     assert recipe_labels(runs) == {"a1": "grpo.loss_type=cispo, model.size=nano",
                                    "b2": "grpo.loss_type=dapo, model.size=nano",
                                    "c3": "grpo.loss_type=dapo, model.size=micro"}
+
+
+def test_the_sigmoid_at_a_steep_trial_point_is_its_floor_without_a_warning():
+    """A fit trying a steep B far below C_mid overflows (C_mid / C)^B: R is then R0, and the report prints nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = sigmoid((0.1, 0.9, 500.0, 1e6), [1.0, 1e6, 1e9])
+    assert r.tolist() == pytest.approx([0.1, 0.5, 0.9])
