@@ -19,7 +19,7 @@ from rlscale.analysis.report import build_report
 from rlscale.experiments.cli import app
 from rlscale.rl.accounting import FlopModel, Meter
 from rlscale.rl.checkpoint import latest_checkpoint, save_checkpoint
-from rlscale.rl.model import imported_path, model_folder, resolve_path
+from rlscale.rl.model import import_gguf, imported_path, model_folder, resolve_path
 from rlscale.rl.pipeline import InputError, PipelineConfig, check_inputs, run_pipeline
 
 
@@ -100,6 +100,39 @@ def test_model_cache_folder_holding_a_user_file_is_refused(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="rlscale did not write"):
         model_folder(gguf)
     assert note.read_text() == "mine"
+
+
+def test_model_import_temp_folder_never_takes_a_user_one_and_a_failed_save_removes_only_its_own(tmp_path, monkeypatch,
+                                                                                                  gguf):
+    import rlscale.rl.model as m
+    from rlscale.rl.checkpoint import write_marker
+
+    out = tmp_path / "models" / "tiny"
+    theirs = _planted(tmp_path / "models" / ".tiny.tmp")  # a folder of the user's where the import's temp goes
+    with pytest.raises(ValueError, match="in the way and rlscale did not write it"):
+        import_gguf(Path(gguf), out)
+    assert theirs.read_text() == "mine"
+    for p in theirs.parent.iterdir():
+        p.unlink()
+    theirs.parent.rmdir()
+    marked = tmp_path / "ckpt"  # a link there, even to a folder rlscale marked: refused, neither side removed
+    marked.mkdir()
+    write_marker(marked, "rl")
+    (tmp_path / "models" / ".tiny.tmp").symlink_to(marked)
+    with pytest.raises(ValueError, match="in the way"):
+        import_gguf(Path(gguf), out)
+    assert (tmp_path / "models" / ".tiny.tmp").is_symlink() and any(marked.iterdir())
+    (tmp_path / "models" / ".tiny.tmp").unlink()
+    sibling = _planted(tmp_path / "models" / "other")
+
+    def failing(model, tok, folder):
+        (Path(folder) / "half.bin").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(m, "save_model", failing)
+    with pytest.raises(OSError, match="disk full"):
+        import_gguf(Path(gguf), out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["other"] and sibling.read_text() == "mine"
 
 
 _COUNTING_IMPORT = """
