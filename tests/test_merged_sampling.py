@@ -127,15 +127,8 @@ def test_rows_that_end_leave_the_decode_batch_with_the_same_samples_cache_and_co
     from torch.utils.flop_counter import FlopCounterMode
 
     from rlscale.rl import generate
-    from rlscale.rl.chat import for_model
-    from rlscale.rl.self_verify import p_yes, p_yes_from_cache, verify_prompt
 
-    model, tok = load_model(ModelConfig(path=str(smollm2_dir)))
-    model.eval()
-    task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat", check="verdict")), tok)
-    problems = task.problems(4, "eval", seed=2)
-    prompts = [p.prompt for p in problems for _ in range(3)]
-    mixed = torch.arange(12) % 3 == 0  # each problem's greedy answer, then two samples
+    model, tok, task, problems, prompts, mixed = _chat_groups(smollm2_dir, 4, 3)  # a greedy answer, two samples
 
     def run(compact: float, greedy: bool | torch.Tensor = mixed):
         monkeypatch.setattr(generate, "COMPACT", compact)
@@ -152,11 +145,87 @@ def test_rows_that_end_leave_the_decode_batch_with_the_same_samples_cache_and_co
     with FlopCounterMode(display=False) as fc:
         run(0.0)
     assert fc.get_total_flops() == pytest.approx(fm.generation(dropped), rel=0.05)
-    rows = [j for j in range(12) if j % 3]
-    verdicts = [verify_prompt(task, problems[j // 3], dropped.texts[j]) for j in rows]
-    fast, _ = p_yes_from_cache(model, tok, dropped, verdicts, [""] * len(rows), rows)
+    _verdicts_read_from_the_cache_as_defined(model, tok, task, problems, dropped, [j for j in range(12) if j % 3])
+
+
+def _chat_groups(smollm2_dir, n: int, per: int):
+    """SmolLM2, its chat arithmetic task with verdict checks, n problems' prompts `per` times each, and which rows
+    answer greedily (each problem's first)."""
+    from rlscale.rl.chat import for_model
+
+    model, tok = load_model(ModelConfig(path=str(smollm2_dir)))
+    model.eval()
+    task = for_model(make_task(ArithmeticParams(digits=2, prompt_format="chat", check="verdict")), tok)
+    problems = task.problems(n, "eval", seed=2)
+    prompts = [p.prompt for p in problems for _ in range(per)]
+    return model, tok, task, problems, prompts, torch.arange(n * per) % per == 0
+
+
+def _verdicts_read_from_the_cache_as_defined(model, tok, task, problems, batch, rows: list[int]) -> None:
+    """P(yes) of the verdicts on rows `rows` of a batch sampled with keep_cache equals `p_yes` without a cache."""
+    from rlscale.rl.self_verify import p_yes, p_yes_from_cache, verify_prompt
+
+    per = len(batch.texts) // len(problems)
+    verdicts = [verify_prompt(task, problems[j // per], batch.texts[j]) for j in rows]
+    fast, _ = p_yes_from_cache(model, tok, batch, verdicts, [""] * len(rows), rows)
     plain, _ = p_yes(model, tok, verdicts, [""] * len(rows))
     assert torch.allclose(fast, plain, atol=1e-4), (fast, plain)
+
+
+def test_rows_that_repeat_a_prefix_feed_it_once_with_the_same_samples_cache_and_counted_flops(smollm2_dir,
+                                                                                              monkeypatch):
+    """A group's rows share their prompt and, while they draw the same tokens, the prefix after it: sample() feeds
+    each distinct prefix once (a node splits when its rows draw different tokens) until the distinct prefixes pass
+    SHARE of the rows or a row ends. The same tokens and entropies as one cache row per sample from the first token
+    (SHARE = 0), fewer rows fed, the FLOPs it counts within 5% of torch's FlopCounter, and a kept KV cache that gives
+    each answer's verdict P(yes) as the definition does."""
+    from rlscale.rl import generate
+
+    model, tok, task, problems, prompts, mixed = _chat_groups(smollm2_dir, 3, 8)  # a greedy answer, seven samples
+
+    def run(share: float):
+        monkeypatch.setattr(generate, "SHARE", share)
+        return generate.sample(model, tok, prompts, 24, 1.0, greedy=mixed, generator=torch.Generator().manual_seed(0),
+                               keep_cache=True, with_entropy=True)
+
+    alone, shared = run(0.0), run(1.0)  # from the first token / until a row ends
+    assert shared.texts == alone.texts and torch.equal(shared.completion_ids, alone.completion_ids)
+    assert torch.allclose(shared.entropy, alone.entropy, atol=1e-4)
+    assert shared.decode_tokens < alone.decode_tokens  # prefixes were shared past the prompt
+    with FlopCounterMode(display=False) as fc:
+        run(1.0)
+    assert fc.get_total_flops() == pytest.approx(FlopModel.of(model).generation(shared), rel=0.05)
+    _verdicts_read_from_the_cache_as_defined(model, tok, task, problems, shared, [j for j in range(24) if j % 4])
+
+
+def test_a_cache_row_taken_twice_keeps_its_room():
+    """`_Room.reorder_cache` with repeated rows (a prefix that splits) is DynamicLayer's, copied once into new
+    buffers that the next steps write into in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlscale.rl.generate import _Room
+
+    g = torch.Generator().manual_seed(0)
+    kv = lambda rows, n: (torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g))  # noqa
+    ref = DynamicLayer()
+    ref.update(*kv(3, 5))
+    room = _Room(ref, end=9)
+    ref = DynamicLayer()
+    ref.update(room.keys, room.values)
+    rows = torch.tensor([2, 0, 0, 2, 1])
+    room.reorder_cache(rows)  # before any step: the prefill's tensors, DynamicLayer's own path
+    ref.reorder_cache(rows)
+    new = kv(5, 1)
+    room.update(*new), ref.update(*new)
+    buffer = room.room[0]
+    room.reorder_cache(rows[:4])
+    ref.reorder_cache(rows[:4])
+    assert room.room[0] is not buffer and room.keys._base is room.room[0]
+    for _ in range(2):
+        new = kv(4, 1)
+        got, want = room.update(*new), ref.update(*new)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert room.keys.shape[-2] == 8 and room.keys._base is room.room[0]
 
 
 def test_a_frozen_lm_head_gets_its_rows_as_one_contiguous_block(nano):
