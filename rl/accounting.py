@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from rlscale.rl import distributed
 from rlscale.rl.energy import GpuEnergy
-from rlscale.rl.generate import Batch, distinct_rows
+from rlscale.rl.generate import Batch, distinct_rows, pack
 
 PHASES = ("sft", "rollout", "verify_rollout", "policy", "reference", "eval")
 COUNTERS = (
@@ -102,23 +102,21 @@ class FlopModel:
             prefill = self.sequences(prompts, P, logits_per_row=1)
         return prefill + self.forward(batch.decode_tokens, batch.decode_context)
 
-    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False, prompts_ran: int = 0) -> float:
+    def logprobs(self, batch: Batch, train: bool = False, dedupe: bool = False) -> float:
         """FLOPs of `completion_logprobs(batch, dedupe=...)` (forward and backward with `train`): every row over
-        prompt + completion with logits at the last T + 1 positions; deduplicated, one prefill per distinct prompt
-        (one logit) and the completion tokens but the last of each distinct row, each attending to its prompt and
-        the tokens before it. `prompts_ran`: the distinct prompts whose forward ran in sampling (`Batch.prompt_pass`,
-        perhaps more than the batch's rows have): their backward, instead of the batch's prompts' pass."""
+        prompt + completion with logits at the last T + 1 positions; deduplicated, one pass over `pack` of the
+        distinct rows: a sequence per distinct prompt, its rows' completion tokens but the last end to end, every
+        column attending to all S of its sequence (the block mask is applied, not skipped), logits from the prompt's
+        last column on."""
         B, P = batch.prompt_ids.shape
         T = batch.completion_ids.shape[1]
         if not dedupe:
             return self.sequences(B, P + T, train, logits_per_row=T + 1)
-        prompts = len(distinct_rows(batch.prompt_ids, batch.prompt_mask)[0])
-        rows = len(distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)[0])
-        keys = rows * ((T - 1) * P + (T - 1) * T // 2)  # token t of the completion attends to P + t keys
-        prefill = self.sequences(prompts, P, train, logits_per_row=1)
-        if prompts_ran:  # their backward only
-            prefill = self.sequences(prompts_ran, P, train, 1) - self.sequences(prompts_ran, P, logits_per_row=1)
-        return prefill + self.forward(rows * (T - 1), keys, train=train)
+        rep, _ = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        distinct = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
+                         batch.completion_mask[rep], [])
+        prompts, _, _, _, S = pack(distinct)
+        return self.sequences(len(prompts), S, train, logits_per_row=S - P + 1)
 
 
 def cpu_devices(threads: int | None = None, share: float | None = None, cgroup: str = "/sys/fs/cgroup") -> float:

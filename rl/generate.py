@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,6 @@ class Batch:
     cache: object = None  # the KV cache of prompt + every fed completion token (the last one is not), if kept;
     # valid through each row's eos (past it, rows that left the decode batch hold zeros)
     head: int = 0  # tokens every prompt starts with, prefilled once for all (0: none)
-    prompt_pass: tuple | None = None  # `sample(grad_prompts=True)`: the distinct prompts' KV cache and next-token
-    # logits with their autograd graph, and each row's distinct prompt (None: row i's is i), for `completion_logprobs`
     entropy: torch.Tensor | None = None  # `sample(with_entropy=True)`: (B, T) entropy of each token's distribution
 
     @property
@@ -39,20 +36,10 @@ class Batch:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
     def select(self, rows: torch.Tensor) -> Batch:
-        """Rows `rows` (a 1-D index) with the completion columns trimmed to their longest; the prompts' pass comes
-        along, each kept row mapped to its distinct prompt."""
+        """Rows `rows` (a 1-D index) with the completion columns trimmed to their longest."""
         T = int(self.completion_mask[rows].sum(1).max())
         return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows, :T],
-                     self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()],
-                     prompt_pass=_pass_rows(self.prompt_pass, rows))
-
-
-def _pass_rows(prompt_pass: tuple | None, rows: torch.Tensor) -> tuple | None:
-    """A `Batch.prompt_pass` for rows `rows` of its batch: each mapped to its distinct prompt."""
-    if prompt_pass is None:
-        return None
-    cache, first, row_of = prompt_pass
-    return cache, first, rows if row_of is None else row_of[rows]
+                     self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()])
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +144,14 @@ def _prefill_head(model, ids: torch.Tensor, mask: torch.Tensor, head: int):
     return out.cache, out.logits[:, -1:, :]
 
 
-def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, share_head: bool = False):
-    """Run each distinct prompt once (a group of G samples shares one prompt); with `share_head`, a head every
-    distinct prompt starts with runs once too (`_prefill_head`). Returns their KV cache and the logits of the token
-    after each, (D, 1, V), the head's length (0: none) and each row's distinct prompt (None: the rows are distinct,
-    run as they are), for `_fan_out`."""
+def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Run each distinct prompt once (a group of G samples shares one prompt), and a head every distinct prompt
+    starts with once too (`_prefill_head`). Returns their KV cache and the logits of the token after each, (D, 1, V),
+    the head's length (0: none) and each row's distinct prompt (None: the rows are distinct, run as they are)."""
     rep, row_of = distinct_rows(prompt_ids, prompt_mask)
     fan_out = len(rep) < len(row_of)  # else nothing repeats (an eval batch): the rows run as they are
     ids, mask = (prompt_ids[rep], prompt_mask[rep]) if fan_out else (prompt_ids, prompt_mask)
-    head = _shared_head(ids, mask) if share_head else 0
+    head = _shared_head(ids, mask)
     if head:
         cache, logits = _prefill_head(model, ids, mask, head)
     else:
@@ -173,15 +159,6 @@ def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                     logits_to_keep=keep_last(1))
         cache, logits = out.cache, out.logits[:, -1:, :]
     return cache, logits, head, row_of if fan_out else None
-
-
-def _fan_out(cache, logits: torch.Tensor, row_of: torch.Tensor | None):
-    """The distinct prompts' KV cache (in place) and logits copied to the rows that share them, an index_select:
-    gradients of the copies sum into the one prompt pass."""
-    if row_of is None:
-        return cache, logits
-    cache.reorder_cache(row_of)
-    return cache, logits.index_select(0, row_of)
 
 
 def cache_copy(cache, fn):
@@ -194,24 +171,66 @@ def cache_copy(cache, fn):
     return out
 
 
-def _logits_sharing_prompts(model, batch: Batch, prompt_pass: tuple | None = None) -> torch.Tensor:
-    """Logits at the completion positions, (B, T, V), with each distinct prompt run once (or `prompt_pass`, the
-    prompts' cache, logits and each row's prompt, run already); the last completion token is not fed (it predicts
-    nothing)."""
-    # under DDP the prompt pass runs on the bare module: its gradients reach the parameters through the one
-    # backward of the wrapped completion pass, so each parameter's reduction hook still fires once
+PACK_WIDTH = 1024  # a packed sequence's width, past which its prompt's next rows start a new one (attention is S^2)
+
+
+def pack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The layout of `_packed_logits`: sequences each holding a distinct prompt of `batch` followed end to end by the
+    completion tokens but the last of rows that share it, at most PACK_WIDTH wide (or one row's width). Returns
+    each sequence's prompt (a row of the batch), each row's sequence, the column where its tokens start and how
+    many it feeds, and the sequences' width."""
+    P = batch.prompt_ids.shape[1]
+    width = max(PACK_WIDTH, P + batch.completion_ids.shape[1])
+    rep, prompt_of = distinct_rows(batch.prompt_ids, batch.prompt_mask)
+    fed = (batch.completion_mask.sum(1) - 1).clamp(min=0)
+    first, end, seq, start = [], [], [], []  # each sequence's first row and width; each row's sequence and start
+    last = {}  # distinct prompt -> its sequence being filled
+    for r, (q, f) in enumerate(zip(prompt_of.tolist(), fed.tolist())):
+        if q not in last or end[last[q]] + f > width:
+            last[q] = len(first)
+            first.append(r)
+            end.append(P)
+        seq.append(last[q])
+        start.append(end[last[q]])
+        end[last[q]] += f
+    device = fed.device
+    return (torch.tensor(first, device=device), torch.tensor(seq, device=device), torch.tensor(start, device=device),
+            fed, max(end))
+
+
+def _packed_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits at the completion positions, (B, T, V), from one pass over `pack(batch)`: each distinct prompt runs
+    once (per PACK_WIDTH tokens of its rows), each completion token attends to its prompt and its own row's tokens
+    before it (a block mask, which transformers takes as given), so every row gets the values of its own pass up to
+    float rounding; the last completion token is not fed (it predicts nothing). One pass, where running the prompts
+    and then the completions from their KV cache takes two (a tiny GRPO step's model calls are mostly per-op
+    overhead)."""
+    rep, seq_of, start, fed, S = pack(batch)
+    (B, T), P, device = batch.completion_ids.shape, batch.prompt_ids.shape[1], batch.completion_ids.device
+    row = torch.arange(B, device=device).repeat_interleave(fed)  # the row of each fed completion token
+    t = torch.arange(len(row), device=device) - (fed.cumsum(0) - fed).repeat_interleave(fed)  # its place in the row
+    q, col = seq_of[row], start[row] + t
+    prompt_mask = batch.prompt_mask[rep]
+    ids = batch.prompt_ids.new_zeros((len(rep), S))
+    ids[:, :P], ids[q, col] = batch.prompt_ids[rep], batch.completion_ids[row, t]
+    pos = torch.zeros_like(ids)
+    pos[:, :P], pos[q, col] = _positions(prompt_mask), prompt_mask.sum(1)[q] + t
+    seg = torch.full_like(ids, -1)  # the row whose completion a column holds (-1: none)
+    seg[q, col] = row
+    seen = torch.zeros_like(ids, dtype=torch.bool)  # the prompts' real tokens: every later column attends to them
+    seen[:, :P] = prompt_mask.bool()
+    cols = torch.arange(S, device=device)
+    mask = (seen[:, None, :] | (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)) & (cols[:, None] >= cols)
+    mask |= torch.eye(S, dtype=torch.bool, device=device)  # padding attends to itself: no empty softmax row
     bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if prompt_pass is None:
-        cache, logits, _, row_of = _prefill_distinct(bare, batch.prompt_ids, batch.prompt_mask)
-    else:
-        cache, logits, row_of = prompt_pass
-    cache, logits = _fan_out(cache, logits, row_of)
-    if batch.completion_ids.shape[1] > 1:
-        mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
-        rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask,
-                     position_ids=_positions(mask)[:, batch.prompt_ids.shape[1] :], cache=cache, use_cache=True)
-        logits = torch.cat([logits, rest.logits], dim=1)
-    return logits
+    if bare.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        mask = torch.zeros(mask.shape, dtype=bare.dtype, device=device).masked_fill_(~mask, torch.finfo(bare.dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
+                   logits_to_keep=keep_last(S - P + 1)).logits  # columns P - 1 (the prompt's last) to S - 1
+    # a row's completion token 0 is predicted at its prompt's last column, token j >= 1 at the column of token j - 1
+    j = torch.arange(T, device=device)
+    at = torch.where((j >= 1) & (j <= fed[:, None]), start[:, None] + j - 1, P - 1) - (P - 1)
+    return logits.reshape(-1, logits.shape[-1])[seq_of[:, None] * (S - P + 1) + at]
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -308,7 +327,6 @@ def sample(
     generator: torch.Generator | None = None,
     dedupe: bool = True,
     keep_cache: bool = False,
-    grad_prompts: bool = False,
     with_entropy: bool = False,
 ) -> Batch:
     """Sample one completion per prompt (repeat a prompt G times for a group); stops at eos. `greedy`: every row
@@ -322,11 +340,8 @@ def sample(
     its own cache row for good: the same samples up to float rounding for fewer FLOPs (a group of G pays one
     prefill), as `FlopModel.generation` counts them. Rows that have ended leave the decode batch (once they are
     `COMPACT` of it); every sampled row draws its uniform at every step, so the draws do not depend on when other
-    rows end; each fed token is written into the KV cache in place
-    (`_Room`). With `keep_cache`, the batch keeps the KV cache, valid through each row's eos, for a continuation
-    (`self_verify.p_yes_from_cache`). With `grad_prompts` (and `dedupe`), the prompts' pass keeps its autograd graph
-    in `Batch.prompt_pass` (no head shared): the policy's prompt pass, which `completion_logprobs` then takes instead of
-    running it again (GRPO with mu = 1 sampling from the trained model); sampling reads detached copies. With
+    rows end; each fed token is written into the KV cache in place (`_Room`). With `keep_cache`, the batch keeps the
+    KV cache, valid through each row's eos, for a continuation (`self_verify.p_yes_from_cache`). With
     `with_entropy`, `Batch.entropy` holds the entropy of softmax(logits / temperature) at each token."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -336,13 +351,9 @@ def sample(
     slot = drawn.cumsum(0) - 1  # a sampled row's uniform among the step's draws
     n_drawn = int(drawn.sum())
     mixed = 0 < n_drawn < B  # else every row draws, or none does, whichever rows are left
-    head, prompt_pass = 0, None
+    head = 0
     if dedupe:
-        with torch.enable_grad() if grad_prompts else nullcontext():
-            cache, logits, head, row_of = _prefill_distinct(model, prompt_ids, prompt_mask, not grad_prompts)
-        if grad_prompts:
-            prompt_pass = cache, logits, row_of
-            cache, logits = cache_copy(cache, torch.Tensor.detach), logits.detach()
+        cache, logits, head, row_of = _prefill_distinct(model, prompt_ids, prompt_mask)
         node_of = row_of  # while rows repeat a prefix: each row's node, the cache row of its prompt + tokens so far
         logits = logits[:, -1, :]
     else:
@@ -422,7 +433,7 @@ def sample(
     completion_mask = (~after_eos).long()
     texts = tokenizer.batch_decode(tokens.masked_fill(~completion_mask.bool(), pad), skip_special_tokens=True)
     return Batch(prompt_ids, prompt_mask, tokens, completion_mask, texts, decode_tokens, decode_context,
-                 cache if keep_cache else None, head, prompt_pass, entropy[:, :T] if with_entropy else None)
+                 cache if keep_cache else None, head, entropy[:, :T] if with_entropy else None)
 
 
 def completion_logprobs(
@@ -430,25 +441,21 @@ def completion_logprobs(
     batch: Batch,
     temperature: float = 1.0,
     dedupe: bool = False,
-    prompt_pass: tuple | None = None,
 ) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) of the completion tokens, (B, T).
 
-    With `dedupe`, identical rows (the same prompt and completion, common within a group) are computed once, each
-    distinct prompt goes through the model once with its KV cache copied to the completions that follow it, and
-    the last completion token, which predicts nothing, is not fed: the same values and gradients (copies sum
-    through index_select) for a fraction of the FLOPs (`FlopModel.logprobs(batch, dedupe=True)`). Worth it where
-    rows repeat a prompt (GRPO groups); plain batches of distinct rows (SFT) run faster without. `prompt_pass`
-    (with `dedupe`): the batch's own `Batch.prompt_pass` from sampling, used instead of running the prompts again
-    (once: its cache grows in the pass)."""
+    With `dedupe`, identical rows (the same prompt and completion, common within a group) are computed once, in one
+    pass where each distinct prompt is followed by the completions that share it (`_packed_logits`), and the last
+    completion token, which predicts nothing, is not fed: the same values and gradients (copies sum through
+    index_select) for a fraction of the FLOPs (`FlopModel.logprobs(batch, dedupe=True)`). Worth it where rows repeat
+    a prompt (GRPO groups); plain batches of distinct rows (SFT) run faster without."""
     T = batch.completion_ids.shape[1]
     row_of = None
     if dedupe:
         rep, row_of = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
         batch = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
                       batch.completion_mask[rep], [])
-        prompt_pass = _pass_rows(prompt_pass, rep)  # the prompt of distinct row k is that of sampled row rep[k]
-        logits = tempered(_logits_sharing_prompts(model, batch, prompt_pass), temperature)
+        logits = tempered(_packed_logits(model, batch), temperature)
     else:
         ids, mask = batch.input_ids, batch.attention_mask
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),

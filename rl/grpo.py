@@ -233,10 +233,8 @@ def train_grpo(
         rows = [p for p in problems for _ in range(G)]
         with meter.phase("rollout"):
             fold = sync_merged(sampler, model) if sampler is not None else 0.0  # W + alpha/r BA, this step's
-            # sampling from the trained model with mu = 1, its prefill with autograd is the policy pass's prompt part
             solve = sample(draw, tokenizer, [p.prompt for p in rows], cfg.max_new_tokens, cfg.temperature,
-                           generator=generator, grad_prompts=sampler is None and cfg.num_iterations == 1,
-                           with_entropy=True)
+                           generator=generator, with_entropy=True)
         meter.add("rollout", fold + fm_draw.generation(solve))
         if cfg.reward == "verifier":
             rewards = torch.tensor([task.reward(p, c) for p, c in zip(rows, solve.texts)])  # r_i from the verifier
@@ -329,11 +327,9 @@ def train_grpo(
                     live[0] |= ~live.any()
                     part = b.select(live.nonzero().squeeze(1))
                     # a group's G rows share one prompt: it runs once, identical samples once (same gradients)
-                    ran = len(b.prompt_pass[1]) if b.prompt_pass is not None else 0  # prompts run in sampling
                     logp = old[name].clone() if name in old else torch.zeros(b.completion_ids.shape, device=device)
                     logp[live, : part.completion_ids.shape[1]] = completion_logprobs(
-                        net, part, cfg.temperature, dedupe=True, prompt_pass=part.prompt_pass)
-                    b.prompt_pass = None  # used once (its cache grew in the pass)
+                        net, part, cfg.temperature, dedupe=True)
                     old_logp = old.get(name, logp.detach())  # mu = 1: pi_theta_old = pi_theta, no extra forward
                     max_len = cfg.max_new_tokens if name == "solve" else cfg.verify_max_new_tokens
                     loss, stats = grpo_loss(logp, old_logp, ref.get(name), adv, b.completion_mask, cfg, n_tok[name],
@@ -346,7 +342,7 @@ def train_grpo(
                     metrics[prefix + "kl"] = stats["kl"]
                     # the sampling policy's entropy at each sampled token (at mu = 1, pi_theta's)
                     metrics[prefix + "entropy"] = float((b.entropy * mask).sum() / mask.sum().clamp(min=1))
-                    meter.add("policy", fm.logprobs(part, train=True, dedupe=True, prompts_ran=ran))
+                    meter.add("policy", fm.logprobs(part, train=True, dedupe=True))
                     meter.count(tokens_trained=int(b.completion_mask.sum()))
                 if cfg.self_verify and check is not None:
                     logp = completion_logprobs(net, check, dedupe=True)
