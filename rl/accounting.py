@@ -112,10 +112,7 @@ class FlopModel:
         T = batch.completion_ids.shape[1]
         if not dedupe:
             return self.sequences(B, P + T, train, logits_per_row=T + 1)
-        rep, _ = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-        distinct = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
-                         batch.completion_mask[rep], [])
-        prompts, _, _, _, S = pack(distinct)
+        prompts, _, _, _, S = pack(batch.distinct()[0])
         return self.sequences(len(prompts), S, train, logits_per_row=S - P + 1)
 
 

@@ -41,6 +41,12 @@ class Batch:
         return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows, :T],
                      self.completion_mask[rows, :T], [self.texts[i] for i in rows.tolist()])
 
+    def distinct(self) -> tuple[Batch, torch.Tensor]:
+        """Its distinct rows (the same prompt and completion once; no texts), and each row's distinct row."""
+        rep, row_of = distinct_rows(self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
+        return Batch(self.prompt_ids[rep], self.prompt_mask[rep], self.completion_ids[rep], self.completion_mask[rep],
+                     []), row_of
+
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded to the longest: ids and the mask of real tokens."""
@@ -162,8 +168,8 @@ def _prefill_distinct(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
 
 def cache_copy(cache, fn):
-    """A copy of `cache` whose layers hold fn(keys) and fn(values) (the cache itself left as it is), e.g. its tensors
-    detached from their autograd graph, or some of its rows."""
+    """A copy of `cache` whose layers hold fn(keys) and fn(values) (the cache itself left as it is), e.g. some of its
+    rows."""
     out = copy.copy(cache)
     out.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in out.layers:
@@ -395,7 +401,7 @@ def sample(
                 node_of = None
             else:
                 parent, nxt, node_of = key // V, key % V, child_of
-                if len(parent) != len(logits) or bool((parent != torch.arange(len(parent), device=device)).any()):
+                if not torch.equal(parent, torch.arange(len(logits), device=device)):
                     cache.reorder_cache(parent)  # a node that splits: a cache row for each child
                 rep = torch.empty_like(parent).scatter_(0, node_of, torch.arange(B, device=device))  # one of its rows
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
@@ -452,9 +458,7 @@ def completion_logprobs(
     T = batch.completion_ids.shape[1]
     row_of = None
     if dedupe:
-        rep, row_of = distinct_rows(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-        batch = Batch(batch.prompt_ids[rep], batch.prompt_mask[rep], batch.completion_ids[rep],
-                      batch.completion_mask[rep], [])
+        batch, row_of = batch.distinct()
         logits = tempered(_packed_logits(model, batch), temperature)
     else:
         ids, mask = batch.input_ids, batch.attention_mask
